@@ -1,0 +1,179 @@
+"""What every optimizer of the package shares: input validation before any mutation,
+float32 working copies for low-precision parameters, and the batch-size hook.
+
+A subclass implements ``_check_group`` (hyperparameter validation) and ``_update_group``
+(the update on already-validated parameters and gradients); ``step`` does the rest, so a
+refused step never touches parameters or state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["PackageOptimizer", "BatchSizeMixin", "check_batch_size", "check_positive", "working_dtype"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype updates are computed in: float32 for bfloat16/float16 params, else the param's."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _describe(group_index: int, group: dict[str, Any], index: int, param: Tensor) -> str:
+    names = group.get("param_names")
+    if names is not None:
+        return f"parameter '{names[index]}' (param group {group_index}, shape {tuple(param.shape)})"
+    return (
+        f"parameter {index} of param group {group_index} "
+        f"(shape {tuple(param.shape)}, dtype {param.dtype})"
+    )
+
+
+class PackageOptimizer(Optimizer):
+    """Base of the package's optimizers: a thin ``Optimizer`` over a functional update.
+
+    ``step`` validates every hyperparameter and gradient first and raises a ``ValueError``
+    naming the offending parameter, leaving parameters and state exactly as they were.
+    Parameters in bfloat16/float16 are updated through a float32 working copy, and their
+    state is kept in float32.
+    """
+
+    def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict],
+        originals: list[Tensor],
+    ) -> None:  # pragma: no cover - abstract
+        """Update ``params`` (working copies of ``originals``) in place from ``grads``."""
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
+        """Fill a parameter's empty state at its first step (lazy state)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _validated_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """Each group with its params that have a grad, after checking every group and grad."""
+        selected = []
+        finite_checks: list[tuple[Tensor, int, dict, int, Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            params, grads = [], []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients: "
+                        f"{_describe(gi, group, i, p)} has a {g.layout} gradient"
+                    )
+                if p.is_complex() or g.is_complex():
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex tensors: "
+                        f"{_describe(gi, group, i, p)} is {p.dtype} with a {g.dtype} gradient"
+                    )
+                if not p.is_floating_point():
+                    raise ValueError(
+                        f"{type(self).__name__} needs floating-point parameters: "
+                        f"{_describe(gi, group, i, p)} is {p.dtype}"
+                    )
+                if g.shape != p.shape:
+                    raise ValueError(
+                        f"gradient of {_describe(gi, group, i, p)} has shape {tuple(g.shape)}"
+                    )
+                if group.get("check_finite", True) and g.numel() > 0:
+                    finite_checks.append((torch.isfinite(g).all(), gi, group, i, p))
+                params.append(p)
+                grads.append(g)
+            selected.append((group, params, grads))
+        if finite_checks and not bool(torch.stack([c[0].cpu() for c in finite_checks]).all()):
+            for ok, gi, group, i, p in finite_checks:
+                if not bool(ok):
+                    raise ValueError(
+                        f"{type(self).__name__}: the gradient of {_describe(gi, group, i, p)} "
+                        "contains NaN or inf; no parameter or state was changed. (Under mixed "
+                        "precision, step through torch.amp.GradScaler, which skips such steps.)"
+                    )
+        return selected
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, params, grads in self._validated_grads():
+            if not params:
+                continue
+            work_params, work_grads, states = [], [], []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                wdtype = working_dtype(p.dtype)
+                work = p if p.dtype == wdtype else p.to(wdtype)
+                if not state:
+                    self._init_state(group, work, state)
+                work_params.append(work)
+                work_grads.append(g if g.dtype == wdtype else g.to(wdtype))
+                states.append(state)
+            self._update_group(group, work_params, work_grads, states, params)
+            for p, work in zip(params, work_params):
+                if work is not p:
+                    p.copy_(work)
+        return loss
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite positive number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}")
+
+
+class BatchSizeMixin:
+    """Optimizers whose update depends on the minibatch size B (a param group key)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Tell the optimizer the minibatch size of the coming steps; derived rates follow.
+
+        State (momentum buffers, running averages) is kept; only quantities derived from B
+        change.
+        """
+        batch_size = _positive_int(batch_size, "batch_size")
+        for group in self.param_groups:
+            group["batch_size"] = batch_size
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size of the first param group."""
+        return self.param_groups[0]["batch_size"]
+
+
+def check_batch_size(group: dict[str, Any]) -> None:
+    _positive_int(group["batch_size"], "batch_size")
+

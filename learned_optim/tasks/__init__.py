@@ -1,0 +1,24 @@
+"""Task families shared by the benchmark harness and the meta-trainer."""
+
+from .base import Task, TaskFamily, families, get_family, register_family
+from .data import ClassificationData, download_mnist, load_mnist, synthetic_classification
+from .mlp import MLPFamily, mlp_forward
+from .synthetic import NoisyLeastSquaresFamily, NoisyQuadraticFamily, QuadraticFamily, RosenbrockFamily
+
+__all__ = [
+    "ClassificationData",
+    "MLPFamily",
+    "NoisyLeastSquaresFamily",
+    "NoisyQuadraticFamily",
+    "QuadraticFamily",
+    "RosenbrockFamily",
+    "Task",
+    "TaskFamily",
+    "download_mnist",
+    "families",
+    "get_family",
+    "load_mnist",
+    "mlp_forward",
+    "register_family",
+    "synthetic_classification",
+]
