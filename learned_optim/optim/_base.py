@@ -66,6 +66,24 @@ class PackageOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``Optimizer`` does, then restore float32 state of low-precision params.
+
+        ``Optimizer.load_state_dict`` casts floating state to the param's dtype, which would
+        round the float32 state of bfloat16/float16 params; it is re-read from ``state_dict``.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            wdtype = working_dtype(p.dtype)
+            if wdtype == p.dtype or pid not in saved:
+                continue
+            for key, value in saved[pid].items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=wdtype, copy=True)
+
     def _validated_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """Each group with its params that have a grad, after checking every group and grad."""
         selected = []
