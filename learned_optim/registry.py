@@ -22,7 +22,9 @@ class OptimizerInfo:
     """What the package knows of a registered optimizer.
 
     ``example_kwargs`` construct a working instance for small problems (tests, examples);
-    ``uses_batch_size`` says the constructor takes ``batch_size`` (the harness passes it).
+    ``uses_batch_size`` says the constructor takes ``batch_size`` (the harness passes it);
+    ``benchmark_kwargs(batch_size)`` gives the settings the benchmark harness uses besides the
+    tuned lr, matched to the baselines' (e.g. momentum 0.9 at the task's batch size).
     """
 
     name: str
@@ -30,6 +32,7 @@ class OptimizerInfo:
     summary: str
     example_kwargs: Mapping[str, Any] = field(default_factory=dict)
     uses_batch_size: bool = False
+    benchmark_kwargs: Callable[[int], dict[str, Any]] | None = None
 
 
 def register(
@@ -38,6 +41,7 @@ def register(
     summary: str,
     example_kwargs: Mapping[str, Any] | None = None,
     uses_batch_size: bool = False,
+    benchmark_kwargs: Callable[[int], dict[str, Any]] | None = None,
 ) -> Callable[[T], T]:
     """Class decorator: register an ``Optimizer`` subclass under ``name``."""
 
@@ -45,7 +49,7 @@ def register(
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"an optimizer is already registered as {name!r}")
         _REGISTRY[name] = OptimizerInfo(
-            name, cls, summary, MappingProxyType(dict(example_kwargs or {})), uses_batch_size
+            name, cls, summary, MappingProxyType(dict(example_kwargs or {})), uses_batch_size, benchmark_kwargs
         )
         return cls
 

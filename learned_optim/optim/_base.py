@@ -87,7 +87,7 @@ class PackageOptimizer(Optimizer):
     def _validated_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """Each group with its params that have a grad, after checking every group and grad."""
         selected = []
-        finite_checks: list[tuple[Tensor, int, dict, int, Tensor]] = []
+        checked: list[tuple[Tensor, int, dict, int, Tensor]] = []  # (grad, group index, group, index, param)
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             params, grads = [], []
@@ -115,13 +115,22 @@ class PackageOptimizer(Optimizer):
                         f"gradient of {_describe(gi, group, i, p)} has shape {tuple(g.shape)}"
                     )
                 if group.get("check_finite", True) and g.numel() > 0:
-                    finite_checks.append((torch.isfinite(g).all(), gi, group, i, p))
+                    checked.append((g, gi, group, i, p))
                 params.append(p)
                 grads.append(g)
             selected.append((group, params, grads))
-        if finite_checks and not bool(torch.stack([c[0].cpu() for c in finite_checks]).all()):
-            for ok, gi, group, i, p in finite_checks:
-                if not bool(ok):
+        if checked:
+            # max|g| is NaN or inf exactly when g holds a NaN or an inf: one fused reduction per
+            # tensor and a single host sync for the whole step.
+            max_abs = torch._foreach_norm([c[0] for c in checked], float("inf"))
+            values = [m.to(torch.float32) for m in max_abs]
+            if len({v.device for v in values}) > 1:
+                values = [v.cpu() for v in values]
+            finite = torch.isfinite(torch.stack(values)).cpu()
+            if bool(finite.all()):
+                return selected
+            for ok, (_, gi, group, i, p) in zip(finite.tolist(), checked):
+                if not ok:
                     raise ValueError(
                         f"{type(self).__name__}: the gradient of {_describe(gi, group, i, p)} "
                         "contains NaN or inf; no parameter or state was changed. (Under mixed "

@@ -70,6 +70,7 @@ def conjugate_momentum_sgd(
     summary="momentum SGD with hyperparameters (η', N'_g) that stay valid across batch sizes",
     example_kwargs={"lr": 1e-2, "momentum_horizon": 10.0, "batch_size": 1},
     uses_batch_size=True,
+    benchmark_kwargs=lambda b: {"momentum_horizon": 10.0 * b},  # momentum 0.9, as NAG's
 )
 class ConjugateMomentumSGD(BatchSizeMixin, PackageOptimizer):
     """Momentum SGD whose hyperparameters are conjugate to the batch size (McAllester).
@@ -177,6 +178,7 @@ def conjugate_adam(
     summary="McAllester's simplified Adam (1/min(t,N) bias correction) with batch-conjugate η', N'_g, N'_s",
     example_kwargs={"lr": 1e-2, "batch_size": 1},
     uses_batch_size=True,
+    benchmark_kwargs=lambda b: {"grad_horizon": 10.0 * b, "square_horizon": 1000.0 * b},  # Adam's β
 )
 class ConjugateAdam(BatchSizeMixin, PackageOptimizer):
     """McAllester's simplified Adam with hyperparameters conjugate to the batch size.

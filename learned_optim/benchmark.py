@@ -1,0 +1,297 @@
+"""The benchmark harness: optimizers against tuned built-in baselines on task families.
+
+Protocol (Andrychowicz et al. 2016): each optimizer's learning rate is tuned on a log grid
+with half-decade steps, on seeds separate from the evaluation seeds; the tuned rate is then
+run on every evaluation seed. The score of a run is the mean of its last 10 losses; a run
+that diverges (non-finite loss, or an optimizer refusing a non-finite gradient) scores inf.
+Tables give the median and the interquartile range over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import registry
+from .tasks import Task, TaskFamily, get_family
+
+__all__ = [
+    "OptimizerSpec",
+    "BenchmarkResult",
+    "baselines",
+    "package_optimizers",
+    "half_decade_grid",
+    "train",
+    "run_seed",
+    "final_loss",
+    "tune_lr",
+    "run_benchmark",
+    "format_table",
+    "save_results",
+    "plot_results",
+    "DEFAULT_TASKS",
+]
+
+#: Built-in tasks of the main benchmark, with their number of steps; none needs files.
+DEFAULT_TASKS: dict[str, int] = {"quadratic": 100, "rosenbrock": 200, "noisy-least-squares": 200, "mlp": 200}
+
+OptimizerFactory = Callable[[list[Tensor], float, Task], Optimizer]
+
+
+def half_decade_grid(low: float = 1e-5, high: float = 10.0) -> list[float]:
+    """Learning rates 10^k and 3·10^k... in half-decade steps (10^(k/2)) from low to high."""
+    k_low, k_high = round(2 * math.log10(low)), round(2 * math.log10(high))
+    return [10 ** (k / 2) for k in range(k_low, k_high + 1)]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How the harness builds an optimizer: ``factory(params, lr, task)`` and its lr grid."""
+
+    name: str
+    factory: OptimizerFactory
+    lr_grid: Sequence[float] = field(default_factory=half_decade_grid)
+
+
+def baselines() -> dict[str, OptimizerSpec]:
+    """torch.optim's SGD, NAG (Nesterov momentum 0.9), RMSprop and Adam."""
+    return {
+        "sgd": OptimizerSpec("sgd", lambda p, lr, t: torch.optim.SGD(p, lr=lr)),
+        "nag": OptimizerSpec("nag", lambda p, lr, t: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True)),
+        "rmsprop": OptimizerSpec("rmsprop", lambda p, lr, t: torch.optim.RMSprop(p, lr=lr)),
+        "adam": OptimizerSpec("adam", lambda p, lr, t: torch.optim.Adam(p, lr=lr)),
+    }
+
+
+def package_optimizers(names: Iterable[str] | None = None) -> dict[str, OptimizerSpec]:
+    """Registered optimizers; those that take ``batch_size`` get the task's batch size."""
+    specs = {}
+    for name in names if names is not None else registry.available():
+        entry = registry.info(name)
+
+        def factory(params, lr, task, entry=entry):
+            kwargs = {"batch_size": task.batch_size} if entry.uses_batch_size else {}
+            if entry.benchmark_kwargs is not None:
+                kwargs.update(entry.benchmark_kwargs(task.batch_size))
+            return entry.cls(params, lr=lr, **kwargs)
+
+        specs[name] = OptimizerSpec(name, factory)
+    return specs
+
+
+def train(task: Task, optimizer_factory: Callable[[list[Tensor]], Optimizer], steps: int) -> Tensor:
+    """Train ``task`` for ``steps`` steps; the loss before each step (inf after divergence)."""
+    params = task.init_params()
+    optimizer = optimizer_factory(params)
+    generator = task.batch_generator()
+    losses = torch.full((steps,), math.inf, dtype=torch.float64)
+    for t in range(steps):
+        optimizer.zero_grad()
+        loss = task.loss(params, task.sample_batch(generator))
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        losses[t] = loss.item()
+        try:
+            optimizer.step()
+        except ValueError as error:
+            if "NaN or inf" in str(error):  # the package's optimizers refuse non-finite grads
+                break
+            raise
+    return losses
+
+
+def run_seed(family: TaskFamily, spec: OptimizerSpec, lr: float, seed: int, steps: int) -> Tensor:
+    """Losses of ``spec`` at ``lr`` on the task drawn with ``seed``."""
+    task = family.sample(seed)
+    return train(task, lambda params: spec.factory(params, lr, task), steps)
+
+
+def final_loss(losses: Tensor, last: int = 10) -> float:
+    """Mean of the last ``last`` losses (inf if the run diverged)."""
+    tail = losses[-last:]
+    return float(tail.mean()) if bool(torch.isfinite(tail).all()) else math.inf
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).nanquantile(0.5)) if values else math.nan
+
+
+def tune_lr(
+    family: TaskFamily, spec: OptimizerSpec, seeds: Sequence[int], steps: int
+) -> tuple[float, dict[float, float]]:
+    """The grid learning rate with the lowest median final loss over ``seeds``."""
+    scores = {}
+    for lr in spec.lr_grid:
+        finals = [final_loss(run_seed(family, spec, lr, s, steps)) for s in seeds]
+        scores[lr] = _median(finals)
+    best = min(scores, key=lambda lr: (scores[lr], -lr))
+    return best, scores
+
+
+@dataclass
+class BenchmarkResult:
+    """One optimizer on one task: tuned lr and the loss curves of the evaluation seeds."""
+
+    task: str
+    optimizer: str
+    lr: float
+    curves: Tensor  # seeds × steps
+    seconds: float = 0.0
+
+    @property
+    def finals(self) -> list[float]:
+        return [final_loss(c) for c in self.curves]
+
+    def quantile(self, q: float) -> float:
+        finals = torch.tensor(self.finals, dtype=torch.float64)
+        return float(finals.quantile(q)) if bool(torch.isfinite(finals).all()) else float(finals.nanquantile(q))
+
+    @property
+    def diverged(self) -> int:
+        return sum(not math.isfinite(f) for f in self.finals)
+
+    def to_json(self) -> dict:
+        return {
+            "task": self.task,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "median": self.quantile(0.5),
+            "q25": self.quantile(0.25),
+            "q75": self.quantile(0.75),
+            "diverged": self.diverged,
+            "finals": self.finals,
+            "median_curve": self.curves.nanquantile(0.5, dim=0).tolist(),
+            "seconds": self.seconds,
+        }
+
+
+_JOB_CONTEXT: dict = {}  # what forked benchmark workers read (closures cannot be pickled)
+
+
+def _evaluate(task_name: str, opt_name: str) -> BenchmarkResult:
+    ctx = _JOB_CONTEXT
+    family, steps = ctx["tasks"][task_name]
+    spec = ctx["optimizers"][opt_name]
+    torch.set_num_threads(ctx["threads"])
+    start = time.perf_counter()
+    lr, _ = tune_lr(family, spec, ctx["tune_seeds"], steps)
+    curves = torch.stack([run_seed(family, spec, lr, s, steps) for s in ctx["eval_seeds"]])
+    return BenchmarkResult(task_name, opt_name, lr, curves, time.perf_counter() - start)
+
+
+def run_benchmark(
+    tasks: dict[str, tuple[TaskFamily, int]],
+    optimizers: dict[str, OptimizerSpec],
+    *,
+    eval_seeds: Sequence[int] = tuple(range(10)),
+    tune_seeds: Sequence[int] = (1001, 1002, 1003),
+    jobs: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> list[BenchmarkResult]:
+    """Tune every optimizer's lr on ``tune_seeds`` and evaluate it on ``eval_seeds``.
+
+    ``tasks`` maps a name to (family, steps). Tuning and evaluation seeds must not overlap.
+    ``jobs > 1`` spreads the (task, optimizer) pairs over forked worker processes (one torch
+    thread each); results do not depend on ``jobs``.
+    """
+    overlap = set(eval_seeds) & set(tune_seeds)
+    if overlap:
+        raise ValueError(f"tuning and evaluation seeds overlap: {sorted(overlap)}")
+    pairs = [(t, o) for t in tasks for o in optimizers]
+    _JOB_CONTEXT.update(
+        tasks=tasks, optimizers=optimizers, eval_seeds=list(eval_seeds), tune_seeds=list(tune_seeds),
+        threads=1 if jobs > 1 else torch.get_num_threads(),
+    )
+
+    def report(result: BenchmarkResult) -> None:
+        if log is not None:
+            log(
+                f"{result.task:>20} {result.optimizer:>24}  lr {result.lr:.3g}  "
+                f"median {result.quantile(0.5):.4g}  ({result.seconds:.1f} s)"
+            )
+
+    results: list[BenchmarkResult] = []
+    try:
+        if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                for result in pool.map(_evaluate, *zip(*pairs)):
+                    report(result)
+                    results.append(result)
+        else:
+            for task_name, opt_name in pairs:
+                results.append(_evaluate(task_name, opt_name))
+                report(results[-1])
+    finally:
+        _JOB_CONTEXT.clear()
+    return results
+
+
+def format_table(results: Sequence[BenchmarkResult]) -> str:
+    """A markdown table: median final loss and interquartile range per task and optimizer."""
+    lines = [
+        "| task | optimizer | tuned lr | median final loss | IQR (25%–75%) | diverged |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    for task in dict.fromkeys(r.task for r in results):
+        rows = sorted((r for r in results if r.task == task), key=lambda r: r.quantile(0.5))
+        for r in rows:
+            lines.append(
+                f"| {r.task} | {r.optimizer} | {r.lr:.3g} | {r.quantile(0.5):.4g} | "
+                f"{r.quantile(0.25):.4g} – {r.quantile(0.75):.4g} | {r.diverged}/{len(r.finals)} |"
+            )
+    return "\n".join(lines)
+
+
+def save_results(results: Sequence[BenchmarkResult], out_dir: str | Path, header: str = "") -> Path:
+    """Write ``benchmark.md`` (the table) and ``benchmark.json`` (all numbers) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text((header + "\n\n" if header else "") + format_table(results) + "\n")
+    (out / "benchmark.json").write_text(json.dumps([r.to_json() for r in results], indent=1))
+    return out
+
+
+def plot_results(results: Sequence[BenchmarkResult], path: str | Path) -> Path:
+    """Median loss against step, log scale, one panel per task (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'learned_optim[plot]'") from error
+    tasks = list(dict.fromkeys(r.task for r in results))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in results if r.task == task):
+            median = r.curves.nanquantile(0.5, dim=0)
+            ax.plot(range(1, len(median) + 1), median.numpy(), label=f"{r.optimizer} (lr {r.lr:.2g})")
+        ax.set_yscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (median over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def default_tasks(names: Iterable[str] | None = None, steps: int | None = None, **family_kwargs) -> dict[str, tuple[TaskFamily, int]]:
+    """The built-in benchmark tasks (or ``names``) with their step counts."""
+    chosen = list(names) if names is not None else list(DEFAULT_TASKS)
+    return {n: (get_family(n, **family_kwargs.get(n, {})), steps or DEFAULT_TASKS.get(n, 200)) for n in chosen}
