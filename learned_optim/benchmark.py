@@ -34,6 +34,7 @@ __all__ = [
     "train",
     "run_seed",
     "final_loss",
+    "quantile",
     "tune_lr",
     "run_benchmark",
     "format_table",
@@ -123,8 +124,15 @@ def final_loss(losses: Tensor, last: int = 10) -> float:
     return float(tail.mean()) if bool(torch.isfinite(tail).all()) else math.inf
 
 
-def _median(values: Sequence[float]) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).nanquantile(0.5)) if values else math.nan
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile that treats inf (a diverged run) as the largest value."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    a, b = ordered[lo], ordered[hi]
+    return a if a == b or lo == hi else a + (b - a) * (pos - lo)
 
 
 def tune_lr(
@@ -134,7 +142,7 @@ def tune_lr(
     scores = {}
     for lr in spec.lr_grid:
         finals = [final_loss(run_seed(family, spec, lr, s, steps)) for s in seeds]
-        scores[lr] = _median(finals)
+        scores[lr] = quantile(finals, 0.5)
     best = min(scores, key=lambda lr: (scores[lr], -lr))
     return best, scores
 
@@ -154,8 +162,7 @@ class BenchmarkResult:
         return [final_loss(c) for c in self.curves]
 
     def quantile(self, q: float) -> float:
-        finals = torch.tensor(self.finals, dtype=torch.float64)
-        return float(finals.quantile(q)) if bool(torch.isfinite(finals).all()) else float(finals.nanquantile(q))
+        return quantile(self.finals, q)
 
     @property
     def diverged(self) -> int:
@@ -171,7 +178,7 @@ class BenchmarkResult:
             "q75": self.quantile(0.75),
             "diverged": self.diverged,
             "finals": self.finals,
-            "median_curve": self.curves.nanquantile(0.5, dim=0).tolist(),
+            "median_curve": [quantile(col.tolist(), 0.5) for col in self.curves.T],
             "seconds": self.seconds,
         }
 
@@ -276,8 +283,8 @@ def plot_results(results: Sequence[BenchmarkResult], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in results if r.task == task):
-            median = r.curves.nanquantile(0.5, dim=0)
-            ax.plot(range(1, len(median) + 1), median.numpy(), label=f"{r.optimizer} (lr {r.lr:.2g})")
+            median = [quantile(col.tolist(), 0.5) for col in r.curves.T]
+            ax.plot(range(1, len(median) + 1), median, label=f"{r.optimizer} (lr {r.lr:.2g})")
         ax.set_yscale("log")
         ax.set_title(task)
         ax.set_xlabel("step")

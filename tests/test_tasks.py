@@ -1,0 +1,193 @@
+"""Task families, the MNIST reader and the embedded data."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learned_optim.tasks import (
+    ClassificationData,
+    MLPFamily,
+    Task,
+    TaskFamily,
+    families,
+    get_family,
+    load_mnist,
+    synthetic_classification,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def mnist_root() -> Path | None:
+    root = os.environ.get("LEARNED_OPTIM_DATA") or (SHARED_DATA if SHARED_DATA.is_dir() else None)
+    if root and (Path(root) / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
+        return Path(root)
+    return None
+
+
+def test_families_are_registered_and_unknown_names_are_listed():
+    assert {"quadratic", "rosenbrock", "noisy-quadratic", "noisy-least-squares", "mlp", "mnist-mlp"} <= set(families())
+    with pytest.raises(KeyError, match="available: .*quadratic"):
+        get_family("nope")
+
+
+def test_quadratic_family_is_the_papers_and_reproducible():
+    family = get_family("quadratic")
+    a, b, c = family.sample(3), family.sample(3), family.sample(4)
+    w, y = a.info["W"], a.info["y"]
+    assert w.shape == (10, 10) and y.shape == (10,)
+    assert torch.equal(a.initial_params[0], b.initial_params[0]) and not torch.equal(a.info["W"], c.info["W"])
+    theta = torch.randn(10)
+    assert torch.allclose(a.loss([theta]), ((w @ theta - y) ** 2).sum())
+    # The minimiser of ‖Wθ − y‖² is W⁻¹y, where the loss is 0.
+    assert a.loss([torch.linalg.solve(w.double(), y.double()).float()]).item() < 1e-6
+    assert not a.stochastic and a.sample_batch(a.batch_generator()) is None
+
+
+def test_rosenbrock_minimum_is_at_one_one():
+    task = get_family("rosenbrock").sample(0)
+    assert task.loss([torch.tensor([1.0, 1.0])]).item() == 0.0
+    assert task.loss([torch.tensor([0.0, 0.0])]).item() == 1.0
+
+
+def test_noisy_quadratic_gradient_has_known_mean_and_spread():
+    task = get_family("noisy-quadratic", dim=4, batch_size=1).sample(0)
+    h, c, sigma = task.info["h"], task.info["c"], task.info["sigma"]
+    theta = task.init_params()
+    gen = task.batch_generator()
+    grads = []
+    for _ in range(4000):
+        (g,) = torch.autograd.grad(task.loss(theta, task.sample_batch(gen)), theta)
+        grads.append(g)
+    grads = torch.stack(grads)
+    mean = h * (theta[0].detach() - c)
+    assert torch.allclose(grads.mean(0), mean, atol=4 * sigma.max().item() / 4000**0.5)
+    assert torch.allclose(grads.std(0), sigma, rtol=0.06)
+
+
+def test_noisy_least_squares_minimum_loss_is_half_the_noise_variance():
+    family = get_family("noisy-least-squares", dim=8, noise_std=0.5)
+    task = family.sample(1)
+    gen = task.batch_generator()
+    loss = task.loss([task.info["w_star"]], task.sample_batch(gen, 20000)).item()
+    assert loss == pytest.approx(0.5 * 0.5**2, rel=0.05)
+
+
+def test_minibatch_streams_are_reproducible_and_batch_size_can_change():
+    task = get_family("mlp", batch_size=16).sample(0)
+    x1, _ = task.sample_batch(task.batch_generator())
+    x2, _ = task.sample_batch(task.batch_generator())
+    assert torch.equal(x1, x2) and x1.shape == (16, 32)
+    x3, y3 = task.sample_batch(task.batch_generator(), 40)
+    assert x3.shape == (40, 32) and y3.shape == (40,)
+
+
+def test_mlp_family_shapes_activation_and_depth():
+    data = synthetic_classification(n=64, dim=5, num_classes=3)
+    family = MLPFamily(data, hidden=(7, 6), activation="relu", batch_size=8)
+    params = family.sample(0).init_params()
+    assert [tuple(p.shape) for p in params] == [(7, 5), (7,), (6, 7), (6,), (3, 6), (3,)]
+    with pytest.raises(ValueError, match="activation"):
+        MLPFamily(data, activation="gelu")
+
+
+def test_mlp_full_data_loss_at_zero_weights_is_log_classes():
+    data = synthetic_classification(n=64, dim=5, num_classes=4)
+    task = MLPFamily(data).sample(0)
+    zeros = [torch.zeros_like(p) for p in task.initial_params]
+    assert task.loss(zeros, None).item() == pytest.approx(float(np.log(4)), rel=1e-6)
+
+
+def test_user_defined_family_in_a_few_lines():
+    class LinearRegression(TaskFamily):
+        name = "linreg"
+
+        def sample(self, seed):
+            g = torch.Generator().manual_seed(seed)
+            w = torch.randn(5, generator=g)
+
+            def batch(gen, b):
+                x = torch.randn(b, 5, generator=gen)
+                return x, x @ w
+
+            return Task([torch.zeros(5)], lambda p, xy: ((xy[0] @ p[0] - xy[1]) ** 2).mean(), batch, 16, seed)
+
+    task = LinearRegression().sample(0)
+    params = task.init_params()
+    opt = torch.optim.SGD(params, lr=0.1)
+    gen = task.batch_generator()
+    first = None
+    for _ in range(100):
+        opt.zero_grad()
+        loss = task.loss(params, task.sample_batch(gen))
+        first = first or loss.item()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3 * first
+
+
+def test_synthetic_data_is_deterministic_and_learnable_sized():
+    a, b = synthetic_classification(seed=0), synthetic_classification(seed=0)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    counts = torch.bincount(a.labels, minlength=10)
+    assert (counts > 0).sum() >= 5  # the teacher uses many classes
+
+
+def test_split_is_fixed_and_disjoint():
+    data = synthetic_classification(n=100, dim=3)
+    first, rest = data.split(80, seed=0)
+    again, _ = data.split(80, seed=0)
+    assert len(first) == 80 and len(rest) == 20 and torch.equal(first.inputs, again.inputs)
+    rows = {tuple(r.tolist()) for r in first.inputs} & {tuple(r.tolist()) for r in rest.inputs}
+    assert not rows
+    with pytest.raises(ValueError, match="split size"):
+        data.split(100)
+
+
+def test_mnist_needs_a_directory(monkeypatch):
+    monkeypatch.delenv("LEARNED_OPTIM_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="LEARNED_OPTIM_DATA"):
+        load_mnist()
+
+
+def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def test_idx_reader_on_a_hand_made_file(tmp_path):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, gz=True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([7, 2, 1]), gz=False)
+    data = load_mnist(tmp_path)
+    assert data.inputs.shape == (3, 784) and data.labels.tolist() == [7, 2, 1]
+    assert data.inputs[0, 5].item() == pytest.approx(5 / 255)
+
+
+def test_idx_reader_rejects_truncated_and_mismatched_files(tmp_path):
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28)), gz=False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2), gz=False)
+    with pytest.raises(ValueError, match="do not match"):
+        load_mnist(tmp_path)
+    raw = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match="header says"):
+        load_mnist(tmp_path)
+
+
+@pytest.mark.skipif(mnist_root() is None, reason="MNIST t10k files not present (set LEARNED_OPTIM_DATA)")
+def test_real_mnist_test_set():
+    data = load_mnist(mnist_root())
+    assert data.inputs.shape == (10000, 784) and data.labels.shape == (10000,)
+    assert torch.bincount(data.labels).tolist()[:3] == [980, 1135, 1032]  # the known t10k class counts
+    assert 0.0 <= data.inputs.min() and data.inputs.max() == 1.0
+    family = get_family("mnist-mlp", root=mnist_root())
+    task = family.sample(0)
+    assert [tuple(p.shape) for p in task.initial_params] == [(20, 784), (20,), (10, 20), (10,)]
