@@ -120,13 +120,12 @@ class PackageOptimizer(Optimizer):
                 grads.append(g)
             selected.append((group, params, grads))
         if checked:
-            # max|g| is NaN or inf exactly when g holds a NaN or an inf: one fused reduction per
-            # tensor and a single host sync for the whole step.
-            max_abs = torch._foreach_norm([c[0] for c in checked], float("inf"))
-            values = [m.to(torch.float32) for m in max_abs]
-            if len({v.device for v in values}) > 1:
-                values = [v.cpu() for v in values]
-            finite = torch.isfinite(torch.stack(values)).cpu()
+            # min and max of g are both finite exactly when g holds no NaN or inf: one pass
+            # per tensor without temporaries, and a single host sync for the whole step.
+            extremes = [torch.stack(torch.aminmax(c[0])).to(torch.float32) for c in checked]
+            if len({e.device for e in extremes}) > 1:
+                extremes = [e.cpu() for e in extremes]
+            finite = torch.isfinite(torch.stack(extremes)).all(dim=1).cpu()
             if bool(finite.all()):
                 return selected
             for ok, (_, gi, group, i, p) in zip(finite.tolist(), checked):
