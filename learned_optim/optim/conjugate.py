@@ -255,14 +255,17 @@ class ConjugateAdam(BatchSizeMixin, PackageOptimizer):
     ) -> float | None:
         """One step. ``per_example_squares`` maps each parameter to the batch mean of its
         per-example squared gradients; required with ``second_moment="per_example"``."""
+        loss = None
+        if closure is not None:  # first, so the check below sees the grads the closure makes
+            with torch.enable_grad():
+                loss = closure()
         needs = any(g["second_moment"] == "per_example" for g in self.param_groups)
-        if needs and per_example_squares is None:
-            raise ValueError(
-                "second_moment='per_example' needs step(per_example_squares=...); "
-                "learned_optim.per_example_gradients computes them"
-            )
         if needs:
-            assert per_example_squares is not None
+            if per_example_squares is None:
+                raise ValueError(
+                    "second_moment='per_example' needs step(per_example_squares=...); "
+                    "learned_optim.per_example_gradients computes them"
+                )
             for gi, group in enumerate(self.param_groups):
                 if group["second_moment"] != "per_example":
                     continue
@@ -278,9 +281,10 @@ class ConjugateAdam(BatchSizeMixin, PackageOptimizer):
                         )
         self._per_example_squares = per_example_squares if needs else None
         try:
-            return super().step(closure)
+            super().step()
         finally:
             self._per_example_squares = None
+        return loss
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         per_example = group["second_moment"] == "per_example"
