@@ -135,16 +135,20 @@ def test_step_with_closure_matches_manual_step_and_returns_loss(name):
 
     model = small_model()
     opt = make(name, model.parameters())
+    made = []
     for t in range(STEPS):
 
         def closure(t=t):
             opt.zero_grad()
-            loss = loss_of(model, t)
+            loss = loss_of(model, t)  # the closure runs with grad enabled even under no_grad
             loss.backward()
+            made.append(loss)
             return loss
 
-        returned = opt.step(closure)
-        assert isinstance(returned, torch.Tensor) and returned.requires_grad is False or returned.grad_fn
+        with torch.no_grad():
+            returned = opt.step(closure)
+        assert returned is made[-1]
+    assert len(made) == STEPS
     assert_params_equal(params_of(model), params_of(manual))
 
 
