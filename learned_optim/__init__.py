@@ -10,8 +10,10 @@ from .optim import (
     AdaptiveBatchSGD,
     ConjugateAdam,
     ConjugateMomentumSGD,
+    LSTMOptimizer,
     per_example_gradients,
 )
+from .rules import LSTMGACConfig, LSTMGACRule, available_weights
 from .registry import OptimizerInfo, available, create, info, register
 
 __version__ = "0.1.0"
@@ -21,8 +23,12 @@ __all__ = [
     "AdaptiveBatchSampler",
     "ConjugateAdam",
     "ConjugateMomentumSGD",
+    "LSTMGACConfig",
+    "LSTMGACRule",
+    "LSTMOptimizer",
     "OptimizerInfo",
     "available",
+    "available_weights",
     "create",
     "info",
     "per_example_gradients",

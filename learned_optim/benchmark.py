@@ -86,7 +86,8 @@ def package_optimizers(names: Iterable[str] | None = None) -> dict[str, Optimize
                 kwargs.update(entry.benchmark_kwargs(task.batch_size))
             return entry.cls(params, lr=lr, **kwargs)
 
-        specs[name] = OptimizerSpec(name, factory)
+        grid = entry.lr_grid if entry.lr_grid is not None else half_decade_grid()
+        specs[name] = OptimizerSpec(name, factory, grid)
     return specs
 
 

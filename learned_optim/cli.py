@@ -69,6 +69,69 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_dropin(rule, family, seeds: Sequence[int], steps: int) -> dict:
+    """Train each held-out task with the drop-in optimizer of ``rule``; the benchmark's score."""
+    from . import benchmark
+
+    cls = registry.info(rule.name).cls
+    finals = []
+    for seed in seeds:
+        task = family.sample(seed)
+        finals.append(benchmark.final_loss(benchmark.train(task, lambda p: cls(p, weights=rule), steps)))
+    return {
+        "seeds": f"{seeds[0]}..{seeds[-1]}",
+        "steps": steps,
+        "score": "median over seeds of the mean of the last 10 losses",
+        "median_final_loss": benchmark.quantile(finals, 0.5),
+        "q25": benchmark.quantile(finals, 0.25),
+        "q75": benchmark.quantile(finals, 0.75),
+        "diverged": sum(not (f < float("inf")) for f in finals),
+    }
+
+
+def _cmd_meta_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .meta import MetaTrainConfig, MetaTrainer
+
+    task_kwargs = json.loads(args.task_kwargs) if args.task_kwargs else {}
+    if args.data:
+        task_kwargs["root"] = args.data
+    config = MetaTrainConfig(
+        rule=args.rule, rule_config=json.loads(args.rule_config) if args.rule_config else {},
+        task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, truncation=args.truncation,
+        tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
+        meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
+        loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
+        validation_tasks=args.validation_tasks, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, device=args.device,
+    )
+    workdir = args.workdir or f"{args.out}.run"
+    trainer = MetaTrainer(config, workdir, progress=not args.no_progress)
+    print(f"meta-training {config.rule} on {config.task} ({trainer.device}); checkpoints and log in {workdir}/")
+    summary = trainer.train()
+    print(f"trained {summary['episodes']} episodes ({summary['meta_steps']} meta-steps) in "
+          f"{summary['train_seconds']:.0f} s; kept the weights of episode {summary['best_validation']['episode']} "
+          f"(validation meta-loss {summary['best_validation']['meta_loss']:.4g}, median final loss "
+          f"{summary['best_validation']['median_final_loss']:.4g})")
+    trainer.rule.load_state_dict(trainer.best_rule)
+    rule = trainer.rule.to("cpu").eval()
+    evaluation = evaluate_dropin(rule, trainer.family, list(range(args.eval_seeds)), config.horizon)
+    evaluation["family"] = config.task
+    command = "learned-optim " + " ".join(args.argv)
+    path = trainer.save_weights(args.out, {
+        "task": {"family": config.task, "kwargs": {k: v for k, v in task_kwargs.items() if k != "root"}},
+        "meta_training": {**config.to_dict(), **summary, "cpu_threads": torch.get_num_threads()},
+        "command": command,
+        "evaluation": evaluation,
+    })
+    print(f"wrote {path} and {path.with_suffix('.safetensors')}")
+    print(f"held-out evaluation ({args.eval_seeds} draws, {config.horizon} steps, drop-in optimizer): "
+          f"median final loss {evaluation['median_final_loss']:.4g} "
+          f"(IQR {evaluation['q25']:.4g} – {evaluation['q75']:.4g}, {evaluation['diverged']} diverged)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learned-optim", description="Learned and adaptive optimizers for PyTorch.")
     parser.add_argument("--version", action="version", version=f"learned_optim {__version__}")
@@ -90,6 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                          help="worker processes (default: all cores)")
     p_bench.set_defaults(func=_cmd_benchmark)
+
+    p_meta = sub.add_parser("meta-train", help="meta-train a learned update rule and write its weights")
+    p_meta.add_argument("--rule", default="lstm-gac", help="update rule to train")
+    p_meta.add_argument("--rule-config", default=None, help="JSON of rule config overrides")
+    p_meta.add_argument("--task", default="quadratic", help="task family to meta-train on")
+    p_meta.add_argument("--task-kwargs", default=None, help="JSON of task family arguments")
+    p_meta.add_argument("--data", default=None, help="data directory (for MNIST families)")
+    p_meta.add_argument("--out", required=True, help="weights path without suffix, e.g. pretrained/NAME")
+    p_meta.add_argument("--workdir", default=None, help="checkpoints and log (default: OUT.run); a rerun resumes")
+    p_meta.add_argument("--episodes", type=int, default=1000, help="episodes of K tasks × horizon steps")
+    p_meta.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
+    p_meta.add_argument("--tasks-per-step", type=int, default=128, help="K tasks unrolled together")
+    p_meta.add_argument("--horizon", type=int, default=100, help="T inner steps per episode")
+    p_meta.add_argument("--truncation", type=int, default=20, help="U inner steps per meta-step")
+    p_meta.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on φ")
+    p_meta.add_argument("--meta-lr-schedule", default="constant", choices=["constant", "cosine"],
+                        help="cosine: decay to 5%% of --meta-lr over --episodes")
+    p_meta.add_argument("--clip-grad-norm", type=float, default=1.0, help="meta-gradient norm clip")
+    p_meta.add_argument("--gradient", default="first-order", choices=["first-order", "second-order"])
+    p_meta.add_argument("--loss-transform", default="mean", choices=["mean", "log"],
+                        help="meta-loss: mean of f (the paper) or mean of log f")
+    p_meta.add_argument("--select-by", default="meta_loss", choices=["meta_loss", "median_final_loss"],
+                        help="validation score that picks the kept weights (early stopping)")
+    p_meta.add_argument("--validate-every", type=int, default=25, help="episodes between validations")
+    p_meta.add_argument("--validation-tasks", type=int, default=128, help="held-out validation tasks")
+    p_meta.add_argument("--checkpoint-every", type=int, default=25, help="episodes between checkpoints")
+    p_meta.add_argument("--eval-seeds", type=int, default=20, help="held-out draws for the final evaluation")
+    p_meta.add_argument("--seed", type=int, default=0)
+    p_meta.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p_meta.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_meta.set_defaults(func=_cmd_meta_train)
     return parser
 
 

@@ -24,7 +24,9 @@ class OptimizerInfo:
     ``example_kwargs`` construct a working instance for small problems (tests, examples);
     ``uses_batch_size`` says the constructor takes ``batch_size`` (the harness passes it);
     ``benchmark_kwargs(batch_size)`` gives the settings the benchmark harness uses besides the
-    tuned lr, matched to the baselines' (e.g. momentum 0.9 at the task's batch size).
+    tuned lr, matched to the baselines' (e.g. momentum 0.9 at the task's batch size);
+    ``lr_grid`` replaces the harness's half-decade lr grid (``(1.0,)`` for learned
+    optimizers, which are used as meta-trained, not tuned).
     """
 
     name: str
@@ -33,6 +35,7 @@ class OptimizerInfo:
     example_kwargs: Mapping[str, Any] = field(default_factory=dict)
     uses_batch_size: bool = False
     benchmark_kwargs: Callable[[int], dict[str, Any]] | None = None
+    lr_grid: tuple[float, ...] | None = None
 
 
 def register(
@@ -42,6 +45,7 @@ def register(
     example_kwargs: Mapping[str, Any] | None = None,
     uses_batch_size: bool = False,
     benchmark_kwargs: Callable[[int], dict[str, Any]] | None = None,
+    lr_grid: tuple[float, ...] | None = None,
 ) -> Callable[[T], T]:
     """Class decorator: register an ``Optimizer`` subclass under ``name``."""
 
@@ -49,7 +53,8 @@ def register(
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"an optimizer is already registered as {name!r}")
         _REGISTRY[name] = OptimizerInfo(
-            name, cls, summary, MappingProxyType(dict(example_kwargs or {})), uses_batch_size, benchmark_kwargs
+            name, cls, summary, MappingProxyType(dict(example_kwargs or {})), uses_batch_size, benchmark_kwargs,
+            tuple(lr_grid) if lr_grid is not None else None,
         )
         return cls
 

@@ -1,6 +1,7 @@
 """The drop-in optimizers: functional update cores and thin ``torch.optim.Optimizer`` classes."""
 
 from .adaptive_batch import AdaptiveBatchSampler, AdaptiveBatchSGD, adaptive_batch_sgd
+from .lstm import DEFAULT_WEIGHTS, LSTMOptimizer
 from .conjugate import (
     ConjugateAdam,
     ConjugateMomentumSGD,
@@ -15,6 +16,8 @@ __all__ = [
     "AdaptiveBatchSampler",
     "ConjugateAdam",
     "ConjugateMomentumSGD",
+    "DEFAULT_WEIGHTS",
+    "LSTMOptimizer",
     "adaptive_batch_sgd",
     "conjugate_adam",
     "conjugate_momentum_hyperparameters",

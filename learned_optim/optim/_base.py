@@ -66,23 +66,30 @@ class PackageOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
+    def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
+        """The dtype state entry ``key`` of ``param`` is kept in (float32 for low precision)."""
+        return working_dtype(param.dtype)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``Optimizer`` does, then restore float32 state of low-precision params.
+        """Load as ``Optimizer`` does, then restore state kept in another dtype than the param's.
 
         ``Optimizer.load_state_dict`` casts floating state to the param's dtype, which would
-        round the float32 state of bfloat16/float16 params; it is re-read from ``state_dict``.
+        round the float32 state of bfloat16/float16 params; such state is re-read from
+        ``state_dict`` in the dtype ``_state_dtype`` names.
         """
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
-            wdtype = working_dtype(p.dtype)
-            if wdtype == p.dtype or pid not in saved:
+            if pid not in saved:
                 continue
             for key, value in saved[pid].items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=wdtype, copy=True)
+                if key == "step" or not isinstance(value, Tensor) or not value.is_floating_point():
+                    continue
+                dtype = self._state_dtype(p, key)
+                if dtype != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
     def _validated_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """Each group with its params that have a grad, after checking every group and grad."""

@@ -1,6 +1,6 @@
 """Task families shared by the benchmark harness and the meta-trainer."""
 
-from .base import Task, TaskFamily, families, get_family, register_family
+from .base import Task, TaskFamily, TaskStack, families, get_family, register_family
 from .data import ClassificationData, download_mnist, load_mnist, synthetic_classification
 from .mlp import MLPFamily, mlp_forward
 from .synthetic import NoisyLeastSquaresFamily, NoisyQuadraticFamily, QuadraticFamily, RosenbrockFamily
@@ -14,6 +14,7 @@ __all__ = [
     "RosenbrockFamily",
     "Task",
     "TaskFamily",
+    "TaskStack",
     "download_mnist",
     "families",
     "get_family",

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Task", "TaskFamily", "register_family", "get_family", "families"]
+__all__ = ["Task", "TaskFamily", "TaskStack", "register_family", "get_family", "families"]
 
 Batch = Any
 LossFn = Callable[[Sequence[Tensor], Batch], Tensor]
@@ -72,6 +72,58 @@ class Task:
         return self.batch_fn is not None
 
 
+@dataclass
+class TaskStack:
+    """K tasks unrolled together (the meta-trainer's unit): one call gives all K losses.
+
+    ``param_tasks[j]`` says which task parameter tensor j belongs to: an int for a tensor of
+    one task, or None for a *stacked* tensor whose leading dimension indexes the K tasks
+    (families that vectorize, like the quadratics, stack every tensor). ``losses(params,
+    batch)`` returns the (K,) per-task losses; ``new_stream()`` starts a minibatch stream and
+    ``sample_batch(stream)`` draws the next minibatch of every task from it.
+    """
+
+    initial_params: list[Tensor]
+    losses_fn: Callable[[Sequence[Tensor], Batch], Tensor]
+    param_tasks: list[int | None]
+    num_tasks: int
+    stream_fn: Callable[[], Any] | None = None
+    batch_fn: Callable[[Any], Batch] | None = None
+
+    def init_params(self, requires_grad: bool = True) -> list[Tensor]:
+        return [p.detach().clone().requires_grad_(requires_grad) for p in self.initial_params]
+
+    def new_stream(self) -> Any:
+        return self.stream_fn() if self.stream_fn is not None else None
+
+    def sample_batch(self, stream: Any) -> Batch:
+        return self.batch_fn(stream) if self.batch_fn is not None else None
+
+    def losses(self, params: Sequence[Tensor], batch: Batch = None) -> Tensor:
+        return self.losses_fn(params, batch)
+
+    @classmethod
+    def of(cls, tasks: Sequence[Task]) -> "TaskStack":
+        """The generic stack: each task's tensors side by side, losses evaluated one by one."""
+        tasks = list(tasks)
+        spans, initial, owners = [], [], []
+        for k, task in enumerate(tasks):
+            spans.append((len(initial), len(initial) + len(task.initial_params)))
+            initial += task.initial_params
+            owners += [k] * len(task.initial_params)
+
+        def losses(params, batches):
+            batches = batches if batches is not None else [None] * len(tasks)
+            return torch.stack([t.loss(params[a:b], bt) for t, (a, b), bt in zip(tasks, spans, batches)])
+
+        stochastic = any(t.stochastic for t in tasks)
+        return cls(
+            initial, losses, owners, len(tasks),
+            (lambda: [t.batch_generator() for t in tasks]) if stochastic else None,
+            (lambda gens: [t.sample_batch(g) for t, g in zip(tasks, gens)]) if stochastic else None,
+        )
+
+
 class TaskFamily(abc.ABC):
     """A distribution over tasks: ``sample(seed)`` returns the same task for the same seed."""
 
@@ -80,6 +132,16 @@ class TaskFamily(abc.ABC):
     @abc.abstractmethod
     def sample(self, seed: int) -> Task:
         """The task drawn with ``seed``."""
+
+    def stack(self, seeds: Sequence[int], device: torch.device | str | None = None) -> TaskStack:
+        """The tasks drawn with ``seeds`` as one :class:`TaskStack`.
+
+        The generic version loops over the tasks (CPU only); families override it with a
+        vectorized one that runs on any device.
+        """
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"task family {self.name!r} has no vectorized stack; it runs on the CPU only")
+        return TaskStack.of([self.sample(s) for s in seeds])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

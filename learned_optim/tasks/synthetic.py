@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Task, TaskFamily, register_family
+from .base import Task, TaskFamily, TaskStack, register_family
 
 __all__ = ["QuadraticFamily", "RosenbrockFamily", "NoisyQuadraticFamily", "NoisyLeastSquaresFamily"]
 
@@ -32,6 +32,18 @@ class QuadraticFamily(TaskFamily):
             return (w @ params[0] - y).square().sum()
 
         return Task([theta0], loss, seed=seed, info={"W": w, "y": y})
+
+    def stack(self, seeds, device=None) -> TaskStack:
+        """K quadratics in one batched matrix product; task k equals ``sample(seeds[k])``."""
+        tasks = [self.sample(s) for s in seeds]
+        w = torch.stack([t.info["W"] for t in tasks]).to(device)
+        y = torch.stack([t.info["y"] for t in tasks]).to(device)
+        theta0 = torch.stack([t.initial_params[0] for t in tasks]).to(device)
+
+        def losses(params, batch=None):
+            return (torch.bmm(w, params[0].unsqueeze(2)).squeeze(2) - y).square().sum(1)
+
+        return TaskStack([theta0], losses, [None], len(tasks))
 
 
 @register_family("rosenbrock")

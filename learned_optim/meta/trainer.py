@@ -1,0 +1,327 @@
+"""The outer loop: meta-training a learned rule's parameters φ with Adam.
+
+One *episode* draws K tasks from the family and unrolls them for the horizon T, cut into
+truncations of U steps; each truncation is one meta-step (an estimator's gradient, clipped,
+then Adam on φ). Every ``validate_every`` episodes the rule is run (no graph) on fixed
+held-out validation tasks and the best φ is kept (early stopping); every
+``checkpoint_every`` episodes everything needed to resume is written, so a killed run loses
+at most one checkpoint interval. A truncation whose meta-loss or gradient is not finite, or
+whose optimizees blew up (loss above ``explode_ratio`` × their initial loss), is skipped,
+reported in the log, and its episode abandoned; φ never sees it.
+
+The kept φ is the one with the best validation ``select_by`` score: the meta-loss (the
+training objective), or the median over validation tasks of the final loss (mean of the
+last 10 steps: the benchmark's score).
+
+Seeds: episode e of a run with seed s trains on family seeds TRAIN_SEED_BASE + s·10⁸ + e·K + k;
+validation uses VALIDATION_SEED_BASE + k. Neither meets the benchmark's evaluation seeds
+(0, 1, …) or its tuning seeds (10,000, …), so evaluations are on held-out draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..rules import rule_from_config, save_rule
+from ..rules.weights import _RULES
+from ..tasks import TaskFamily, get_family
+from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, meta_loss
+from .unroll import GRADIENT_MODES, Unroll
+
+__all__ = ["MetaTrainConfig", "MetaTrainer", "validate", "resolve_device",
+           "TRAIN_SEED_BASE", "VALIDATION_SEED_BASE"]
+
+TRAIN_SEED_BASE = 1_000_000_000
+VALIDATION_SEED_BASE = 100_000_000
+SELECT_BY = ("meta_loss", "median_final_loss")
+SCHEDULES = ("constant", "cosine")
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cpu`` / ``cuda[:i]`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+@dataclass
+class MetaTrainConfig:
+    """Everything that defines a meta-training run (saved in checkpoints and weights metadata)."""
+
+    rule: str = "lstm-gac"
+    rule_config: dict[str, Any] = field(default_factory=dict)
+    task: str = "quadratic"
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    horizon: int = 100  # T
+    truncation: int = 20  # U
+    tasks_per_step: int = 128  # K, unrolled together
+    episodes: int = 1000
+    time_limit: float | None = None  # seconds of training; stops early (then validates)
+    meta_lr: float = 1e-3  # Adam on φ
+    meta_lr_schedule: str = "constant"  # or "cosine": decays to 5% of meta_lr at the last episode
+    clip_grad_norm: float = 1.0
+    gradient: str = "first-order"
+    loss_transform: str = "mean"
+    select_by: str = "meta_loss"  # validation score that picks the kept φ: "meta_loss" or "median_final_loss"
+    validate_every: int = 25  # episodes
+    validation_tasks: int = 128
+    checkpoint_every: int = 25  # episodes
+    explode_ratio: float = 1e4
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rule not in _RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; known: {', '.join(sorted(_RULES))}")
+        for name in ("horizon", "truncation", "tasks_per_step", "episodes", "validate_every",
+                     "validation_tasks", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.horizon % self.truncation:
+            raise ValueError(f"horizon ({self.horizon}) must be a multiple of truncation ({self.truncation})")
+        for name in ("meta_lr", "clip_grad_norm", "explode_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be positive, got {self.time_limit!r}")
+        if self.gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {self.gradient!r}")
+        if self.meta_lr_schedule not in SCHEDULES:
+            raise ValueError(f"meta_lr_schedule must be one of {SCHEDULES}, got {self.meta_lr_schedule!r}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
+        if self.loss_transform not in LOSS_TRANSFORMS:
+            raise ValueError(f"loss_transform must be one of {LOSS_TRANSFORMS}, got {self.loss_transform!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MetaTrainConfig":
+        return cls(**data)
+
+    def training(self) -> dict[str, Any]:
+        """The settings that shape φ (not where or how long it ran): a resume must match these."""
+        keep = ("rule", "rule_config", "task", "task_kwargs", "horizon", "truncation", "tasks_per_step",
+                "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "loss_transform", "select_by", "validate_every",
+                "validation_tasks", "explode_ratio", "seed")
+        return {k: getattr(self, k) for k in keep}
+
+
+@torch.no_grad()
+def validate(rule: nn.Module, family: TaskFamily, seeds: list[int], horizon: int,
+             loss_transform: str = "mean", device: torch.device | None = None) -> dict[str, float]:
+    """Run the rule (no graph) on the tasks of ``seeds`` for ``horizon`` steps.
+
+    Returns the meta-loss over the whole horizon and the median over tasks of the final
+    loss (mean of the last 10 steps, the benchmark's score); a diverged task scores inf.
+    """
+    unroll = Unroll(rule, family.stack(seeds, device=device))
+    state = unroll.start()
+    losses, _ = unroll.run(state, horizon, track=False)
+    losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
+    final = losses[-min(10, horizon):].mean(0)
+    value = meta_loss(losses, loss_transform)
+    return {"meta_loss": float(value) if torch.isfinite(value) else math.inf,
+            "median_final_loss": float(final.median())}
+
+
+class MetaTrainer:
+    """Meta-trains a rule per a :class:`MetaTrainConfig`, writing checkpoints and a log in ``workdir``."""
+
+    def __init__(self, config: MetaTrainConfig, workdir: str | os.PathLike,
+                 progress: bool = True, log: Callable[[str], None] | None = print) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.progress, self.print = progress, log or (lambda _msg: None)
+        self.device = resolve_device(config.device)
+        self.family = get_family(config.task, **config.task_kwargs)
+        torch.manual_seed(config.seed)
+        self.rule = rule_from_config(config.rule, config.rule_config).to(self.device)
+        self.best_rule = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        self.optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
+        self.estimator = TruncatedBPTT(config.loss_transform)
+        self.episode = 0
+        self.best: dict[str, Any] = {"meta_loss": math.inf, "median_final_loss": math.inf, "episode": -1}
+        self.elapsed = 0.0
+        self.skipped = 0
+        self.validated_at = -1  # the episode of the last validation
+        self.validation_seeds = [VALIDATION_SEED_BASE + k for k in range(config.validation_tasks)]
+
+    # ------------------------------------------------------------------ checkpoints and log
+
+    def _checkpoint_path(self) -> Path:
+        return self.workdir / CHECKPOINT
+
+    def save_checkpoint(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "config": json.dumps(self.config.training()),
+            "episode": self.episode,
+            "elapsed": self.elapsed,
+            "skipped": self.skipped,
+            "validated_at": self.validated_at,
+            "best": json.dumps(self.best),
+            "rule": self.rule.state_dict(),
+            "best_rule": self.best_rule,
+            "adam": self.optimizer.state_dict(),
+        }
+        tmp = self._checkpoint_path().with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self._checkpoint_path())  # never a half-written checkpoint
+
+    def try_resume(self) -> bool:
+        """Load ``workdir/checkpoint.pt`` if there is one; it must be of the same training settings."""
+        path = self._checkpoint_path()
+        if not path.exists():
+            return False
+        payload = torch.load(path, map_location=self.device, weights_only=True)
+        saved = json.loads(payload["config"])
+        if saved != json.loads(json.dumps(self.config.training())):
+            diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
+            raise ValueError(f"{path} is a checkpoint of other training settings ({', '.join(diff)}); "
+                             "use another --workdir or remove it")
+        self.rule.load_state_dict(payload["rule"])
+        self.best_rule = payload["best_rule"]
+        self.optimizer.load_state_dict(payload["adam"])
+        self.episode, self.elapsed, self.skipped = payload["episode"], payload["elapsed"], payload["skipped"]
+        self.best = json.loads(payload["best"])
+        self.validated_at = payload["validated_at"]
+        self._trim_log(self.episode)
+        self.print(f"resumed from {path} at episode {self.episode} ({self.elapsed:.0f} s trained)")
+        return True
+
+    def _trim_log(self, episode: int) -> None:
+        """Drop log records written after the checkpoint (they will be written again)."""
+        path = self.workdir / LOG
+        if path.exists():
+            def before(record: dict) -> bool:  # validations at `episode` precede its checkpoint
+                e = record.get("episode", 0)
+                return e < episode or (e == episode and record.get("kind") == "validation")
+
+            kept = [line for line in path.read_text().splitlines() if line.strip() and before(json.loads(line))]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ training
+
+    def _episode_seeds(self, episode: int) -> list[int]:
+        k = self.config.tasks_per_step
+        return [TRAIN_SEED_BASE + self.config.seed * 10**8 + episode * k + i for i in range(k)]
+
+    def meta_lr(self, episode: int) -> float:
+        """Adam's learning rate in ``episode`` (a function of the episode: resumes stay exact)."""
+        cfg = self.config
+        if cfg.meta_lr_schedule == "constant":
+            return cfg.meta_lr
+        progress = min(1.0, episode / max(1, cfg.episodes - 1))
+        return cfg.meta_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def run_episode(self) -> list[float]:
+        """One episode: K fresh tasks, T/U meta-steps. Returns the applied meta-losses."""
+        cfg = self.config
+        stack = self.family.stack(self._episode_seeds(self.episode), device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.meta_lr(self.episode)
+        unroll = Unroll(self.rule, stack, cfg.gradient)
+        state = unroll.start()
+        applied = []
+        for truncation in range(cfg.horizon // cfg.truncation):
+            result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(result.grads, self.rule.parameters())]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            exploded = result.final_loss > cfg.explode_ratio * float(state.initial_losses.mean())
+            record = {"kind": "train", "episode": self.episode, "truncation": truncation,
+                      "meta_loss": result.meta_loss, "grad_norm": float(norm), "final_loss": result.final_loss}
+            if not (math.isfinite(result.meta_loss) and torch.isfinite(norm)) or exploded:
+                self.skipped += 1
+                record["skipped"] = "non-finite" if not exploded else "exploded"
+                self._log(record)
+                self.print(f"episode {self.episode} truncation {truncation}: {record['skipped']} meta-loss "
+                           f"{result.meta_loss:.4g}; skipped, episode abandoned ({self.skipped} so far)")
+                break
+            scale = min(1.0, cfg.clip_grad_norm / (float(norm) + 1e-12))
+            for p, g in zip(self.rule.parameters(), grads):
+                p.grad = g * scale
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._log(record)
+            applied.append(result.meta_loss)
+            state = result.state
+        return applied
+
+    def run_validation(self) -> dict[str, float]:
+        self.rule.eval()
+        scores = validate(self.rule, self.family, self.validation_seeds, self.config.horizon,
+                          self.config.loss_transform, self.device)
+        key = self.config.select_by
+        improved = scores[key] < self.best[key]
+        if improved:
+            self.best = {**scores, "episode": self.episode}
+            self.best_rule = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        self.validated_at = self.episode
+        self._log({"kind": "validation", "episode": self.episode, **scores, "best": improved,
+                   "elapsed": self.elapsed})
+        return scores
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) to ``episodes`` or ``time_limit``; returns a summary. φ = the best validated."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.try_resume()
+        if self.validated_at < 0:
+            self.run_validation()  # the untrained rule is the first candidate
+        bar = tqdm(total=cfg.episodes, initial=self.episode, disable=not self.progress, unit="episode",
+                   dynamic_ncols=True)
+        running = None
+        while self.episode < cfg.episodes and (cfg.time_limit is None or self.elapsed < cfg.time_limit):
+            start = time.perf_counter()
+            losses = self.run_episode()
+            self.episode += 1
+            self.elapsed += time.perf_counter() - start
+            if losses:
+                value = sum(losses) / len(losses)
+                running = value if running is None else 0.9 * running + 0.1 * value
+            if self.episode % cfg.validate_every == 0:
+                self.run_validation()
+            if self.episode % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "-",
+                            best_val=f"{self.best[cfg.select_by]:.4g}", skipped=self.skipped)
+        bar.close()
+        if self.validated_at != self.episode:
+            self.run_validation()
+        self.save_checkpoint()
+        self.rule.load_state_dict(self.best_rule)
+        return {"episodes": self.episode, "meta_steps": self.episode * (cfg.horizon // cfg.truncation),
+                "train_seconds": round(self.elapsed, 1), "skipped_truncations": self.skipped,
+                "best_validation": self.best, "device": str(self.device)}
+
+    def save_weights(self, out: str | os.PathLike, metadata: dict[str, Any]) -> Path:
+        """Write the best φ as ``out.safetensors`` + ``out.json``."""
+        self.rule.load_state_dict(self.best_rule)
+        return save_rule(self.rule.to("cpu"), out, metadata)

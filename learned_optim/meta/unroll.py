@@ -1,0 +1,117 @@
+"""Unrolling: a learned rule optimizing a :class:`~learned_optim.tasks.TaskStack`.
+
+The inner loop of meta-training, θ_{t+1} = θ_t + g(∇f(θ_t), h_t; φ), run on K tasks at once
+(all their coordinates in one call of the rule). :meth:`Unroll.run` advances a carried
+:class:`UnrollState` by a truncation of U steps and returns the losses f(θ_{s+1..s+U}) with
+the graph to φ kept (or not). θ and the rule's state are carried across truncations, the
+graph is not (truncated backprop through time).
+
+How the optimizee gradient ∇_t enters the graph is the ``gradient`` mode:
+
+* ``"first-order"`` (the paper's): ∇_t is an input; no second derivatives of f.
+* ``"second-order"``: ∇_t keeps its dependence on θ_t, so the meta-gradient includes
+  ∂∇_t/∂θ_t (Hessian-vector products through the unroll).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..rules import Segments
+from ..tasks import TaskStack
+
+__all__ = ["UnrollState", "Unroll", "stack_segments", "GRADIENT_MODES"]
+
+GRADIENT_MODES = ("first-order", "second-order")
+
+
+def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Segments:
+    """The GAC scopes of a stack's coordinates: per (task, tensor) for scope "tensor", per task for "group"."""
+    k = stack.num_tasks
+    ids, count = [], 0
+    for p, owner in zip(params, stack.param_tasks):
+        device = p.device
+        if owner is None:  # stacked: leading dimension is the task
+            per_task = p.numel() // k
+            rows = torch.arange(k, device=device).repeat_interleave(per_task)
+            ids.append(rows + count if scope == "tensor" else rows)
+            count += k if scope == "tensor" else 0
+        else:
+            ids.append(torch.full((p.numel(),), count if scope == "tensor" else owner, device=device, dtype=torch.long))
+            count += 1 if scope == "tensor" else 0
+    return Segments.from_ids(torch.cat(ids), count if scope == "tensor" else k)
+
+
+@dataclass
+class UnrollState:
+    """Where an unroll stands at step ``step``: θ_t, the rule state h_t, and f, ∇f at θ_t (all detached)."""
+
+    params: list[Tensor]
+    rule_state: Tensor
+    grad: Tensor
+    losses: Tensor  # (K,) f(θ_t)
+    stream: Any
+    step: int
+    initial_losses: Tensor  # (K,) f(θ_0)
+
+
+class Unroll:
+    """Run ``rule`` on ``stack``; ``gradient`` is one of :data:`GRADIENT_MODES`."""
+
+    def __init__(self, rule: nn.Module, stack: TaskStack, gradient: str = "first-order") -> None:
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
+        self.rule, self.stack, self.gradient = rule, stack, gradient
+        params = stack.initial_params
+        self.sizes = [p.numel() for p in params]
+        self.segments = stack_segments(rule.config.gac_scope, stack, params)
+
+    def _loss_and_grad(self, params: list[Tensor], stream: Any, create_graph: bool) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            losses = self.stack.losses(params, self.stack.sample_batch(stream))
+            grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph, retain_graph=True)
+        return losses, torch.cat([g.reshape(-1) for g in grads])
+
+    def start(self) -> UnrollState:
+        """θ_0, a zero rule state, and f, ∇f at θ_0."""
+        params = self.stack.init_params()
+        stream = self.stack.new_stream()
+        losses, grad = self._loss_and_grad(params, stream, create_graph=False)
+        losses = losses.detach()
+        state = self.rule.init_state(grad.numel(), device=grad.device)
+        return UnrollState([p.detach() for p in params], state, grad.to(state.dtype), losses, stream, 0, losses)
+
+    def run(self, state: UnrollState, steps: int, track: bool = True) -> tuple[Tensor, UnrollState]:
+        """Advance ``steps`` steps; the (steps, K) losses f(θ_{t+1..t+steps}) and the new state.
+
+        With ``track`` the losses keep their graph to the rule's parameters φ (for a
+        meta-gradient); without it nothing is kept (validation, evaluation).
+        """
+        second_order = track and self.gradient == "second-order"
+        params = [p.detach().requires_grad_(True) for p in state.params]
+        rule_state, grad = state.rule_state.detach(), state.grad.detach()
+        history = []
+        with torch.set_grad_enabled(track):
+            for _ in range(steps):
+                update, rule_state = self.rule(grad, rule_state, self.segments)
+                pieces = update.split(self.sizes)
+                params = [p + u.view_as(p).to(p.dtype) for p, u in zip(params, pieces)]
+                if not track:
+                    params = [p.detach().requires_grad_(True) for p in params]
+                    rule_state = rule_state.detach()
+                losses, grad = self._loss_and_grad(params, state.stream, create_graph=second_order)
+                grad = grad.to(rule_state.dtype)
+                if not second_order:
+                    grad = grad.detach()
+                history.append(losses if track else losses.detach())
+        new_state = UnrollState(
+            [p.detach() for p in params], rule_state.detach(), grad.detach(),
+            history[-1].detach() if history else state.losses, state.stream, state.step + steps,
+            state.initial_losses,
+        )
+        return torch.stack(history) if history else state.losses.new_zeros(0, state.losses.numel()), new_state

@@ -1,0 +1,140 @@
+"""LSTMOptimizer: the learned LSTM+GAC update rule (Andrychowicz et al. 2016) as a drop-in
+``torch.optim.Optimizer``.
+
+Each step flattens the gradients of a param group into one vector, runs the rule on all
+coordinates at once (:class:`~learned_optim.rules.LSTMGACRule`, under ``no_grad``) and adds
+``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's LSTM hidden and cell
+states live in ``optimizer.state[p]["lstm"]`` (float32, shape (numel, layers, 2, hidden)),
+so ``state_dict`` round-trips like any torch optimizer's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from ..rules import LSTMGACRule, load_rule
+from ._base import PackageOptimizer, check_positive
+
+__all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
+
+#: The shipped weights LSTMOptimizer loads when none are named.
+DEFAULT_WEIGHTS = "quadratic"
+
+_FRESH = object()
+
+
+def rule_fingerprint(rule: torch.nn.Module) -> str:
+    """sha256 of a rule's tensors (name, shape, float32 bytes): which φ an optimizer state belongs to."""
+    digest = hashlib.sha256()
+    for key, value in sorted(rule.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@register(
+    "lstm-gac",
+    summary="learned coordinatewise LSTM+GAC optimizer (Andrychowicz et al. 2016), shipped weights",
+    example_kwargs={"lr": 1.0},
+    lr_grid=(1.0,),
+)
+class LSTMOptimizer(PackageOptimizer):
+    """The learned LSTM+GAC optimizer; one line replaces Adam::
+
+        opt = learned_optim.LSTMOptimizer(model.parameters())   # default shipped weights
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        weights: the name of shipped weights (``learned_optim.available_weights()``), a path
+            to ``NAME.safetensors``/``NAME.json``, an :class:`LSTMGACRule` (copied), or
+            ``None`` for a freshly initialised rule (seeded by ``seed``; for meta-training).
+        lr: multiplies the learned update; 1 is what the weights were meta-trained with.
+        check_finite: refuse NaN/inf gradients (naming the parameter) before touching anything.
+        seed: initialisation seed when ``weights`` is None.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        weights: str | os.PathLike | LSTMGACRule | None = DEFAULT_WEIGHTS,
+        *,
+        lr: float = 1.0,
+        check_finite: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if weights is None:
+            rule, meta = LSTMGACRule(seed=seed), {"name": None}
+        elif isinstance(weights, LSTMGACRule):
+            rule, meta = _copy_rule(weights), {"name": None}
+        else:
+            rule, meta = load_rule(weights, expected_rule=LSTMGACRule.name)
+        rule.requires_grad_(False).eval()
+        self.rule: LSTMGACRule = rule.to(torch.float32)
+        self.weights_metadata: dict[str, Any] = meta
+        self._fingerprint = rule_fingerprint(self.rule)
+        self._rules_on: dict[torch.device, LSTMGACRule] = {}
+        super().__init__(params, dict(lr=lr, check_finite=check_finite))
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_positive(group["lr"], "lr")
+
+    def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
+        return self.rule.dtype if key == "lstm" else super()._state_dtype(param, key)
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
+        state["lstm"] = self.rule.init_state(param.numel(), device=param.device)
+
+    def _rule_on(self, device: torch.device) -> LSTMGACRule:
+        if device == self.rule.device:
+            return self.rule
+        if device not in self._rules_on:
+            self._rules_on[device] = _copy_rule(self.rule).to(device)
+        return self._rules_on[device]
+
+    def _update_group(self, group, params, grads, states, originals) -> None:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        for device, indices in by_device.items():
+            rule = self._rule_on(device)
+            sizes = [params[i].numel() for i in indices]
+            flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
+            lstm_state = torch.cat([states[i]["lstm"] for i in indices])
+            update, new_state = rule(flat_grad, lstm_state, rule.segments(sizes, device))
+            offset = 0
+            for i, n in zip(indices, sizes):
+                p = params[i]
+                p.add_(update[offset : offset + n].view(p.shape).to(p.dtype), alpha=group["lr"])
+                states[i]["lstm"].copy_(new_state[offset : offset + n])
+                offset += n
+
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict`` plus the fingerprint of the rule the LSTM states belong to."""
+        out = super().state_dict()
+        out["rule"] = {"name": self.rule.name, "fingerprint": self._fingerprint}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by an LSTMOptimizer with the same weights (checked)."""
+        saved = state_dict.get("rule")
+        if saved is not None and saved.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                "this state_dict was saved by an LSTMOptimizer with other weights "
+                f"(rule fingerprint {str(saved.get('fingerprint'))[:12]}…, this optimizer's "
+                f"{self._fingerprint[:12]}…); its LSTM states would be meaningless here"
+            )
+        super().load_state_dict(state_dict)
+
+
+def _copy_rule(rule: LSTMGACRule) -> LSTMGACRule:
+    fresh = LSTMGACRule(rule.config)
+    fresh.load_state_dict({k: v.detach() for k, v in rule.state_dict().items()})
+    return fresh.to(device=rule.device, dtype=rule.dtype)

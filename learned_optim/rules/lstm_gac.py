@@ -1,0 +1,206 @@
+"""The coordinatewise LSTM+GAC update rule of Andrychowicz et al. 2016.
+
+One 2-layer LSTM (20 units per layer) with weights φ shared by every coordinate; each
+coordinate has its own hidden and cell state. Layered like optax:
+
+    preprocess (log/sign, p = 10)  →  LSTM+GAC core  →  linear output × output scale
+
+and θ_{t+1} = θ_t + g_t with g_t the output. Global averaging cells (GAC): the first
+``gac_cells`` units of each layer output the *average* of their activation over all
+coordinates in a scope (one parameter tensor, or one param group), which lets the rule see
+global quantities such as the gradient norm (enough for L2 gradient clipping).
+
+The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
+:class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
+with the graph kept. There is no second copy of this math anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .preprocess import log_sign_preprocess
+
+__all__ = ["LSTMGACConfig", "LSTMGACCore", "LSTMGACRule", "Segments"]
+
+GAC_SCOPES = ("tensor", "group")
+
+
+@dataclass(frozen=True)
+class LSTMGACConfig:
+    """Architecture and fixed pre/post-processing of the rule (saved with its weights)."""
+
+    hidden_size: int = 20
+    num_layers: int = 2
+    gac_cells: int = 2  # per layer: units whose output is averaged over the scope
+    gac_scope: str = "tensor"  # "tensor": one average per parameter tensor; "group": per param group
+    preprocess_p: float = 10.0  # p of the log/sign preprocessing
+    output_scale: float = 0.1  # the paper's MNIST value
+    extra_inputs: int = 0  # inputs besides the 2 preprocessed features (NTM-BFGS's read)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("gac_cells", "extra_inputs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.gac_cells > self.hidden_size:
+            raise ValueError(f"gac_cells ({self.gac_cells}) exceeds hidden_size ({self.hidden_size})")
+        if self.gac_scope not in GAC_SCOPES:
+            raise ValueError(f"gac_scope must be one of {GAC_SCOPES}, got {self.gac_scope!r}")
+        for name in ("preprocess_p", "output_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LSTMGACConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LSTMGACConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+class Segments:
+    """The averaging scopes of the global averaging cells over N flat coordinates.
+
+    ``ids[i]`` is the scope of coordinate i (0 ≤ ids < count). The mean is a sum divided by
+    a count, so it does not depend on the order of the coordinates (up to float rounding).
+    """
+
+    def __init__(self, ids: Tensor | None, count: int, size: int) -> None:
+        self.ids, self.count, self.size = ids, count, size
+        if ids is not None:
+            counts = torch.zeros(count, dtype=torch.float64, device=ids.device)
+            counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=torch.float64, device=ids.device))
+            self._counts = counts.clamp_min(1.0)  # empty scopes (zero-size tensors) gather nothing
+
+    @classmethod
+    def single(cls, size: int) -> "Segments":
+        """All coordinates in one scope."""
+        return cls(None, 1, size)
+
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int], device: torch.device | str | None = None) -> "Segments":
+        """Consecutive scopes of the given sizes (e.g. the numel of each parameter tensor)."""
+        if len(sizes) == 1:
+            return cls.single(int(sizes[0]))
+        lengths = torch.tensor(list(sizes), dtype=torch.long, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
+        return cls(ids, len(sizes), int(lengths.sum()))
+
+    @classmethod
+    def from_ids(cls, ids: Tensor, count: int) -> "Segments":
+        return cls(ids, count, ids.shape[0])
+
+    def mean(self, x: Tensor) -> Tensor:
+        """(N, k) → (N, k): every row replaced by the mean of its scope's rows."""
+        if self.ids is None:
+            return x.mean(dim=0, keepdim=True).expand_as(x)
+        sums = torch.zeros(self.count, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, self.ids, x)
+        means = sums / self._counts.to(x.dtype).unsqueeze(1)
+        return means.index_select(0, self.ids)
+
+
+class LSTMGACCore(nn.Module):
+    """Stacked LSTM cells over N coordinates at once, with global averaging cells.
+
+    Layer l computes its gates from [input, h_l] with one matrix multiply
+    (N, in_l + H) @ (in_l + H, 4H); gate order i, f, g, o; forget bias starts at 1.
+    State: (N, L, 2, H) holding h and c of every layer.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, gac_cells: int,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.num_layers, self.gac_cells = num_layers, gac_cells
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer in range(num_layers):
+            fan_in = (input_size if layer == 0 else hidden_size) + hidden_size
+            bound = 1.0 / math.sqrt(hidden_size)
+            w = (torch.rand(fan_in, 4 * hidden_size, generator=generator) * 2 - 1) * bound
+            b = torch.zeros(4 * hidden_size)
+            b[hidden_size : 2 * hidden_size] = 1.0  # forget gate: remember by default
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+
+    def forward(self, inputs: Tensor, state: Tensor, segments: Segments) -> tuple[Tensor, Tensor]:
+        """(N, in), (N, L, 2, H) → top-layer output (N, H), new state (N, L, 2, H)."""
+        H, k = self.hidden_size, self.gac_cells
+        x = inputs
+        new_layers = []
+        for layer in range(self.num_layers):
+            h, c = state[:, layer, 0], state[:, layer, 1]
+            gates = torch.addmm(self.biases[layer], torch.cat((x, h), dim=1), self.weights[layer])
+            i, f, g, o = gates.split(H, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            if k:
+                h = torch.cat((segments.mean(h[:, :k]), h[:, k:]), dim=1)
+            new_layers.append(torch.stack((h, c), dim=1))
+            x = h
+        return x, torch.stack(new_layers, dim=1)
+
+
+class LSTMGACRule(nn.Module):
+    """The learned update rule g(∇, state; φ): preprocess → LSTM+GAC → linear × scale."""
+
+    name = "lstm-gac"
+
+    def __init__(self, config: LSTMGACConfig | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config or LSTMGACConfig()
+        cfg = self.config
+        gen = torch.Generator().manual_seed(seed)
+        self.core = LSTMGACCore(2 + cfg.extra_inputs, cfg.hidden_size, cfg.num_layers, cfg.gac_cells, gen)
+        bound = 1.0 / math.sqrt(cfg.hidden_size)
+        self.output_weight = nn.Parameter((torch.rand(cfg.hidden_size, 1, generator=gen) * 2 - 1) * bound)
+        self.output_bias = nn.Parameter(torch.zeros(1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output_weight.device
+
+    def init_state(self, num_coordinates: int, device: torch.device | str | None = None) -> Tensor:
+        """Zero hidden and cell states (N, L, 2, H) for ``num_coordinates`` coordinates."""
+        cfg = self.config
+        return torch.zeros(num_coordinates, cfg.num_layers, 2, cfg.hidden_size, dtype=self.dtype,
+                           device=device if device is not None else self.device)
+
+    def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> Segments:
+        """The GAC scopes for a param group whose tensors have ``sizes`` coordinates."""
+        if self.config.gac_scope == "group":
+            return Segments.single(int(sum(sizes)))
+        return Segments.from_sizes(sizes, device)
+
+    def forward(self, grad: Tensor, state: Tensor, segments: Segments,
+                extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """g_t and the new state from flat gradients (N,) and states (N, L, 2, H).
+
+        ``extra`` (N, extra_inputs) feeds additional per-coordinate inputs (NTM-BFGS's read).
+        """
+        features = log_sign_preprocess(grad, self.config.preprocess_p)
+        if extra is not None:
+            features = torch.cat((features, extra), dim=1)
+        top, new_state = self.core(features, state, segments)
+        update = torch.addmm(self.output_bias, top, self.output_weight).squeeze(1)
+        return update * self.config.output_scale, new_state

@@ -1,0 +1,251 @@
+"""The meta-trainer: meta-gradients against finite differences (second order) and a hand
+computation with frozen optimizee gradients (first order), the drop-in optimizer against the
+unroll, a seconds-long training run, resuming, skipping non-finite meta-losses, devices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from learned_optim import LSTMOptimizer
+from learned_optim.meta import MetaTrainConfig, MetaTrainer, TruncatedBPTT, Unroll, meta_loss, resolve_device, validate
+from learned_optim.rules import LSTMGACConfig, LSTMGACRule, Segments
+from learned_optim.tasks import Task, TaskFamily, get_family, register_family
+
+F64 = torch.float64
+STEPS = 3
+
+
+def _setup(seed: int = 0):
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=6, gac_cells=2, output_scale=0.3), seed=seed).double()
+    stack = get_family("quadratic", dim=3, dtype=F64).stack([11, 12])
+    return rule, stack
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _perturbed_loss(rule, fn, direction, eps):
+    """fn() evaluated with φ + eps·direction (φ restored afterwards)."""
+    params = list(rule.parameters())
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.add_(direction[offset:offset + p.numel()].view_as(p), alpha=eps)
+            offset += p.numel()
+    try:
+        return fn()
+    finally:
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.sub_(direction[offset:offset + p.numel()].view_as(p), alpha=eps)
+                offset += p.numel()
+
+
+def _directional_fd(rule, fn, direction, eps=1e-6):
+    return (_perturbed_loss(rule, fn, direction, eps) - _perturbed_loss(rule, fn, direction, -eps)) / (2 * eps)
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    rule, stack = _setup()
+    unroll = Unroll(rule, stack, "second-order")
+    start = unroll.start()
+    result = TruncatedBPTT().estimate(rule, unroll, start, STEPS)
+    analytic = _flat(result.grads)
+
+    def loss():
+        losses, _ = unroll.run(start, STEPS, track=False)
+        return float(meta_loss(losses))
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        direction = torch.randn(analytic.numel(), generator=gen, dtype=F64)
+        fd = _directional_fd(rule, loss, direction)
+        assert abs(fd - float(analytic @ direction)) <= 1e-6 * max(1.0, abs(fd)), (fd, float(analytic @ direction))
+
+
+def test_first_order_meta_gradient_treats_optimizee_gradients_as_inputs():
+    """By hand: record ∇f(θ_t) along the unperturbed trajectory, then differentiate (by finite
+    differences) the loss of the trajectory that feeds those recorded gradients to the rule."""
+    rule, stack = _setup()
+    unroll = Unroll(rule, stack, "first-order")
+    start = unroll.start()
+    result = TruncatedBPTT().estimate(rule, unroll, start, STEPS)
+    analytic = _flat(result.grads)
+
+    sizes = [p.numel() for p in stack.initial_params]
+    segments = Segments.from_sizes([3, 3])  # the quadratic stack: one (task, tensor) scope per row
+
+    def trajectory(recorded=None):
+        """Returns the gradient fed to the rule at each step, and the meta-loss."""
+        params = [p.clone() for p in start.params]
+        state, grad = start.rule_state.clone(), start.grad.clone()
+        seen, losses = [], []
+        for t in range(STEPS):
+            fed = grad if recorded is None else recorded[t]  # ∇f(θ_t)
+            seen.append(fed)
+            update, state = rule(fed, state, segments)
+            params = [(p + u.view_as(p)).detach().requires_grad_(True) for p, u in zip(params, update.split(sizes))]
+            loss = stack.losses(params)
+            grad = torch.autograd.grad(loss.sum(), params)[0].reshape(-1)
+            losses.append(loss.detach())
+        return seen, float(torch.stack(losses).mean())
+
+    recorded, _ = trajectory()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = torch.randn(analytic.numel(), generator=gen, dtype=F64)
+        fd = _directional_fd(rule, lambda: trajectory(recorded)[1], direction)
+        assert abs(fd - float(analytic @ direction)) <= 1e-6 * max(1.0, abs(fd)), (fd, float(analytic @ direction))
+    # ...and it is not the full gradient: second order differs on this problem.
+    second = _flat(TruncatedBPTT().estimate(rule, Unroll(rule, stack, "second-order"), start, STEPS).grads)
+    assert not torch.allclose(analytic, second, rtol=1e-3, atol=0)
+
+
+def test_dropin_optimizer_follows_the_same_trajectory_as_the_unroll():
+    """One copy of the math: LSTMOptimizer.step == the meta-trainer's inner step."""
+    rule = LSTMGACRule(seed=5)
+    family = get_family("quadratic")
+    task = family.sample(7)
+    params = task.init_params()
+    opt = LSTMOptimizer(params, weights=rule)
+    dropin = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = task.loss(params)
+        loss.backward()
+        opt.step()
+        dropin.append(loss.item())
+    dropin.append(task.loss(params).item())
+    unroll = Unroll(rule, family.stack([7]))
+    start = unroll.start()
+    losses, _ = unroll.run(start, 30, track=False)
+    expected = [float(start.losses[0])] + losses[:, 0].tolist()
+    torch.testing.assert_close(torch.tensor(dropin), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_generic_stack_matches_the_vectorized_quadratic_stack():
+    family = get_family("quadratic", dtype=F64)
+    rule = LSTMGACRule(seed=1).double()
+    runs = []
+    for stack in (family.stack([3, 4, 5]), TaskFamily.stack(family, [3, 4, 5])):
+        unroll = Unroll(rule, stack)
+        losses, _ = unroll.run(unroll.start(), 10, track=False)
+        runs.append(losses)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-10, atol=1e-10)
+
+
+def _config(**overrides) -> MetaTrainConfig:
+    base = dict(rule_config={"hidden_size": 8}, task="quadratic", horizon=20, truncation=10,
+                tasks_per_step=16, episodes=12, validate_every=4, validation_tasks=16,
+                checkpoint_every=2, meta_lr=3e-3, device="cpu", seed=3)
+    base.update(overrides)
+    return MetaTrainConfig(**base)
+
+
+def test_a_seconds_long_meta_training_lowers_the_validation_meta_loss(tmp_path):
+    trainer = MetaTrainer(_config(episodes=40, meta_lr=1e-2), tmp_path, progress=False, log=None)
+    summary = trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r["kind"] == "validation"]
+    assert validations[0]["episode"] == 0
+    assert summary["best_validation"]["meta_loss"] < 0.5 * validations[0]["meta_loss"], validations
+    assert sum(r["kind"] == "train" for r in records) == 40 * 2
+    # The returned rule is the best validated one.
+    again = validate(trainer.rule, trainer.family, trainer.validation_seeds, 20)
+    assert again["meta_loss"] == pytest.approx(summary["best_validation"]["meta_loss"], rel=1e-5)
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
+    straight = MetaTrainer(_config(episodes=6), tmp_path / "a", progress=False, log=None)
+    straight.train()
+    killed = MetaTrainer(_config(episodes=6), tmp_path / "b", progress=False, log=None)
+    real_episode = killed.run_episode
+
+    def dies_in_episode_3():
+        if killed.episode == 3:
+            raise KeyboardInterrupt  # killed mid-episode; the checkpoint of episode 2 survives
+        return real_episode()
+
+    killed.run_episode = dies_in_episode_3
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = MetaTrainer(_config(episodes=6), tmp_path / "b", progress=False, log=None)
+    resumed.train()
+    assert resumed.elapsed > 0
+    for a, b in zip(straight.rule.state_dict().values(), resumed.rule.state_dict().values()):
+        assert torch.equal(a, b)
+    log_a = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed"} for x in lines]
+    assert strip(log_a) == strip(log_b)
+    with pytest.raises(ValueError, match="other training settings.*meta_lr"):
+        MetaTrainer(_config(episodes=6, meta_lr=0.5), tmp_path / "b", progress=False, log=None).train()
+
+
+@register_family("test-nan-after-5")
+class _NanFamily(TaskFamily):
+    """A quadratic whose loss turns NaN once θ has moved: every truncation is non-finite."""
+
+    name = "test-nan-after-5"
+
+    def sample(self, seed):
+        start = torch.ones(4)
+
+        def loss(params, batch=None):
+            moved = (params[0] - start).abs().sum()
+            return params[0].square().sum() + torch.where(moved > 0, torch.nan, 0.0)
+
+        return Task([start.clone()], loss, seed=seed)
+
+
+def test_non_finite_meta_losses_are_skipped_reported_and_never_applied(tmp_path):
+    trainer = MetaTrainer(_config(task="test-nan-after-5", episodes=2, validate_every=10), tmp_path,
+                          progress=False, log=None)
+    before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+    summary = trainer.train()
+    assert summary["skipped_truncations"] == 2  # one per episode, which is then abandoned
+    for k, v in trainer.rule.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in records if r["kind"] == "train"] == ["non-finite", "non-finite"]
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"horizon": 25, "truncation": 10}, "multiple of truncation"),
+        ({"tasks_per_step": 0}, "tasks_per_step"),
+        ({"meta_lr": -1.0}, "meta_lr"),
+        ({"gradient": "zeroth-order"}, "gradient"),
+        ({"loss_transform": "sqrt"}, "loss_transform"),
+        ({"rule": "no-such-rule"}, "unknown rule"),
+    ],
+)
+def test_bad_meta_training_settings_are_refused_by_name(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        _config(**overrides)
+
+
+def test_device_flag():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_unroll_matches_the_cpu_unroll():
+    rule = LSTMGACRule(seed=2)
+    family = get_family("quadratic")
+    out = []
+    for device in ("cpu", "cuda"):
+        unroll = Unroll(rule.to(device), family.stack([1, 2, 3], device=device))
+        losses, _ = unroll.run(unroll.start(), 20, track=False)
+        out.append(losses.cpu())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-3, atol=1e-4)
