@@ -191,3 +191,43 @@ def test_real_mnist_test_set():
     family = get_family("mnist-mlp", root=mnist_root())
     task = family.sample(0)
     assert [tuple(p.shape) for p in task.initial_params] == [(20, 784), (20,), (10, 20), (10,)]
+
+
+
+def test_mnist_parts_split_the_test_set_once_and_disjointly():
+    parts = {part: get_family("mnist-mlp", root=mnist_root(), part=part).data for part in ("all", "meta-train", "held-out")}
+    assert len(parts["meta-train"]) == 8000 and len(parts["held-out"]) == 2000
+    again = get_family("mnist-mlp", root=mnist_root(), part="held-out").data
+    assert torch.equal(again.inputs, parts["held-out"].inputs)  # one fixed split
+
+    def fingerprints(d):  # one number per example: image and label together
+        weights = torch.linspace(1, 2, 785, dtype=torch.float64)
+        return sorted((torch.cat([d.inputs.double(), d.labels.double().unsqueeze(1)], 1) @ weights).tolist())
+
+    # The two parts together are exactly the whole set, example for example.
+    assert sorted(fingerprints(parts["meta-train"]) + fingerprints(parts["held-out"])) == fingerprints(parts["all"])
+    with pytest.raises(ValueError, match="part must be one of"):
+        get_family("mnist-mlp", root=mnist_root(), part="train")
+
+
+@pytest.mark.parametrize("name, kwargs", [("mlp", {"hidden": (6, 5), "batch_size": 16}), ("quadratic", {"dim": 4})])
+def test_vectorized_stack_equals_separate_tasks(name, kwargs):
+    """family.stack(seeds) is K tasks in one call: same θ₀, minibatches and losses as sample(seed)."""
+    family = get_family(name, **kwargs)
+    seeds = [4, 9, 2]
+    stack = family.stack(seeds)
+    assert stack.param_tasks == [None] * len(stack.initial_params)  # every tensor stacked
+    tasks = [family.sample(seed) for seed in seeds]
+    params = stack.init_params()
+    for k, task in enumerate(tasks):
+        for stacked, own in zip(params, task.initial_params):
+            assert torch.equal(stacked[k], own)
+    stream, own_streams = stack.new_stream(), [t.batch_generator() for t in tasks]
+    for _ in range(3):
+        losses = stack.losses(params, stack.sample_batch(stream))
+        for k, task in enumerate(tasks):
+            own = task.loss([p[k] for p in params], task.sample_batch(own_streams[k]))
+            torch.testing.assert_close(losses[k], own, rtol=1e-5, atol=1e-6)
+    full = stack.losses(params, None)  # no batch: the loss over all data
+    for k, task in enumerate(tasks):
+        torch.testing.assert_close(full[k], task.loss([p[k] for p in params], None), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
@@ -62,22 +63,23 @@ def test_altered_file_is_refused(saved):
         load_rule(stem)
 
 
-def test_config_that_does_not_fit_the_tensors_is_refused(saved):
-    _, stem = saved
+def _edit_json(stem, edit):
     meta_path = stem.with_suffix(".json")
     meta = json.loads(meta_path.read_text())
-    meta["config"]["hidden_size"] = 20
+    edit(meta)
     meta_path.write_text(json.dumps(meta))
+
+
+def test_config_that_does_not_fit_the_tensors_is_refused(saved):
+    _, stem = saved
+    _edit_json(stem, lambda meta: meta["config"].update(hidden_size=20))
     with pytest.raises(WeightsError, match="does not fit rule 'lstm-gac'.*wrong shape: .*core.weights.0"):
         load_rule(stem)
 
 
 def test_bad_config_values_are_named(saved):
     _, stem = saved
-    meta_path = stem.with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
-    meta["config"]["gac_scope"] = "layer"
-    meta_path.write_text(json.dumps(meta))
+    _edit_json(stem, lambda meta: meta["config"].update(gac_scope="layer"))
     with pytest.raises(WeightsError, match="bad config.*gac_scope"):
         load_rule(stem)
 
@@ -109,12 +111,7 @@ def test_a_pickle_is_never_unpickled(saved):
 
     blob = pickle.dumps(Boom())
     stem.with_suffix(".safetensors").write_bytes(blob)
-    meta_path = stem.with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
-    import hashlib
-
-    meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
-    meta_path.write_text(json.dumps(meta))
+    _edit_json(stem, lambda meta: meta.update(tensors_sha256=hashlib.sha256(blob).hexdigest()))
     with pytest.raises(WeightsError, match="not a valid safetensors file"):
         load_rule(stem)
 

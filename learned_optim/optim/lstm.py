@@ -86,6 +86,13 @@ class LSTMOptimizer(PackageOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
+        state = super().__getstate__()
+        state.update(rule=self.rule, weights_metadata=self.weights_metadata,
+                     _fingerprint=self._fingerprint, _rules_on={})
+        return state
+
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
         return self.rule.dtype if key == "lstm" else super()._state_dtype(param, key)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Task, TaskFamily, register_family
+from .base import Task, TaskFamily, TaskStack, register_family
 from .data import ClassificationData, load_mnist, synthetic_classification
 
 __all__ = ["MLPFamily", "mlp_forward", "ACTIVATIONS"]
@@ -70,6 +70,36 @@ class MLPFamily(TaskFamily):
 
         return Task(params, loss, batch, self.batch_size, seed)
 
+    def stack(self, seeds: Sequence[int], device: torch.device | str | None = None) -> TaskStack:
+        """K MLPs as batched matrix products; task k equals ``sample(seeds[k])``, minibatches included.
+
+        Each task keeps its own minibatch stream (the generator ``sample(seed)`` would use), so a
+        stacked run and K separate runs see the same data. With no batch the loss is over all data.
+        """
+        tasks = [self.sample(s) for s in seeds]
+        stacked = [torch.stack([t.initial_params[j] for t in tasks]).to(device) for j in range(len(tasks[0].initial_params))]
+        inputs, labels = self.data.inputs.to(device), self.data.labels.to(device)
+        act, n, b = ACTIVATIONS[self.activation], inputs.shape[0], self.batch_size
+
+        def new_stream():
+            return [t.batch_generator() for t in tasks]
+
+        def batch(gens):
+            idx = torch.stack([torch.randint(n, (b,), generator=g) for g in gens]).to(inputs.device)
+            return inputs[idx], labels[idx]
+
+        def losses(ps, xy):
+            x, y = xy if xy is not None else (inputs, labels.expand(len(tasks), n))
+            h = x
+            for i in range(len(ps) // 2):  # (K, B, in) or (N, in) @ (K, in, out) -> (K, B|N, out)
+                h = torch.matmul(h, ps[2 * i].transpose(1, 2)) + ps[2 * i + 1].unsqueeze(1)
+                if i < len(ps) // 2 - 1:
+                    h = act(h)
+            per_example = F.cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1), reduction="none")
+            return per_example.view(len(tasks), -1).mean(1)
+
+        return TaskStack(stacked, losses, [None] * len(stacked), len(tasks), new_stream, batch)
+
 
 @register_family("mlp")
 def synthetic_mlp(hidden: Sequence[int] = (20,), activation: str = "sigmoid", batch_size: int = 128,
@@ -78,8 +108,23 @@ def synthetic_mlp(hidden: Sequence[int] = (20,), activation: str = "sigmoid", ba
     return MLPFamily(synthetic_classification(n=n, dim=dim), hidden, activation, batch_size, name="mlp")
 
 
+#: The fixed split of the 10,000-image MNIST test set: meta-training sees only the first part.
+MNIST_META_TRAIN_SIZE, MNIST_SPLIT_SEED = 8000, 0
+MNIST_PARTS = ("all", "meta-train", "held-out")
+
+
 @register_family("mnist-mlp")
 def mnist_mlp(hidden: Sequence[int] = (20,), activation: str = "sigmoid", batch_size: int = 128,
-              root: str | os.PathLike | None = None) -> MLPFamily:
-    """The paper's MNIST MLP on the t10k set under ``root`` (or $LEARNED_OPTIM_DATA)."""
-    return MLPFamily(load_mnist(root), hidden, activation, batch_size, name="mnist-mlp")
+              root: str | os.PathLike | None = None, part: str = "all") -> MLPFamily:
+    """The paper's MNIST MLP on the t10k set under ``root`` (or $LEARNED_OPTIM_DATA).
+
+    ``part``: "all" 10,000 images; "meta-train" the 8,000 a learned optimizer is meta-trained
+    on; "held-out" the other 2,000, for benchmarks (one fixed split, seed 0).
+    """
+    if part not in MNIST_PARTS:
+        raise ValueError(f"part must be one of {MNIST_PARTS}, got {part!r}")
+    data = load_mnist(root)
+    if part != "all":
+        meta_train, held_out = data.split(MNIST_META_TRAIN_SIZE, seed=MNIST_SPLIT_SEED)
+        data = meta_train if part == "meta-train" else held_out
+    return MLPFamily(data, hidden, activation, batch_size, name="mnist-mlp")
