@@ -18,7 +18,7 @@ def test_preprocessing_matches_the_papers_formula_by_hand():
     grads = torch.tensor([1.0, -math.e**2, 1e-3, 0.0, 1e-6, -2e-5], dtype=F64)
     features = log_sign_preprocess(grads, p)
     expected = torch.tensor(
-        [
+        [  # one row per gradient: (log feature, sign feature)
             [0.0, 1.0],  # log 1 / 10, sign
             [0.2, -1.0],  # log e² / 10
             [math.log(1e-3) / 10, 1.0],  # 1e-3 ≥ e^-10 ≈ 4.5e-5
@@ -28,7 +28,7 @@ def test_preprocessing_matches_the_papers_formula_by_hand():
         ],
         dtype=F64,
     )
-    torch.testing.assert_close(features, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(features.T, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_preprocessing_is_continuous_at_the_threshold_and_has_finite_gradients():
@@ -50,10 +50,10 @@ def test_lstm_without_gac_is_exactly_a_stack_of_torch_lstm_cells():
     cfg = rule.config
     torch.manual_seed(0)
     grad = torch.randn(7, dtype=F64) * 3
-    state = torch.randn(7, cfg.num_layers, 2, cfg.hidden_size, dtype=F64) * 0.5
+    state = torch.randn(cfg.num_layers, 2, cfg.hidden_size, 7, dtype=F64) * 0.5  # (L, h/c, H, N)
     update, new_state = rule(grad, state, Segments.single(7))
 
-    x = log_sign_preprocess(grad, cfg.preprocess_p)
+    x = log_sign_preprocess(grad, cfg.preprocess_p).T  # (N, 2) for torch's (batch, features)
     for layer in range(cfg.num_layers):
         w, b = rule.core.weights[layer], rule.core.biases[layer]
         n_in = x.shape[1]
@@ -63,9 +63,9 @@ def test_lstm_without_gac_is_exactly_a_stack_of_torch_lstm_cells():
             cell.weight_hh.copy_(w[n_in:].T)
             cell.bias_ih.copy_(b)
             cell.bias_hh.zero_()
-        h, c = cell(x, (state[:, layer, 0], state[:, layer, 1]))
-        torch.testing.assert_close(new_state[:, layer, 0], h, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(new_state[:, layer, 1], c, rtol=1e-12, atol=1e-12)
+        h, c = cell(x, (state[layer, 0].T, state[layer, 1].T))
+        torch.testing.assert_close(new_state[layer, 0].T, h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(new_state[layer, 1].T, c, rtol=1e-12, atol=1e-12)
         x = h
     expected = (x @ rule.output_weight + rule.output_bias).squeeze(1) * cfg.output_scale
     torch.testing.assert_close(update, expected, rtol=1e-12, atol=1e-12)
@@ -78,7 +78,7 @@ def test_global_averaging_cells_output_the_scope_mean():
     state = rule.init_state(9)
     segments = Segments.from_sizes([4, 5])
     _, new_state = rule(grad, state, segments)
-    h0 = new_state[:, 0, 0]
+    h0 = new_state[0, 0].T  # layer 0's h as (N, H)
     # GAC units are constant within each scope and differ between them...
     for a, b in ((0, 4), (4, 9)):
         assert torch.allclose(h0[a:b, :3], h0[a:a + 1, :3].expand(b - a, 3))
@@ -87,9 +87,10 @@ def test_global_averaging_cells_output_the_scope_mean():
     plain = _rule(gac_cells=0)
     plain.load_state_dict(rule.state_dict())
     _, raw = plain(grad, state, segments)
-    torch.testing.assert_close(h0[:4, :3], raw[:4, 0, 0, :3].mean(0).expand(4, 3))
+    raw_h0 = raw[0, 0].T
+    torch.testing.assert_close(h0[:4, :3], raw_h0[:4, :3].mean(0).expand(4, 3))
     # Non-GAC units are per coordinate.
-    torch.testing.assert_close(h0[:, 3:], raw[:, 0, 0, 3:])
+    torch.testing.assert_close(h0[:, 3:], raw_h0[:, 3:])
 
 
 def test_group_scope_averages_over_every_tensor_of_the_group():
@@ -97,7 +98,8 @@ def test_group_scope_averages_over_every_tensor_of_the_group():
     segments = rule.segments([4, 5])
     assert segments.count == 1
     _, state = rule(torch.randn(9, dtype=F64), rule.init_state(9), segments)
-    assert torch.allclose(state[:, 0, 0, :2], state[:1, 0, 0, :2].expand(9, 2))
+    gac = state[0, 0, :2]  # (2, N)
+    assert torch.allclose(gac, gac[:, :1].expand(2, 9))
 
 
 def test_permuting_coordinates_permutes_the_updates():
@@ -105,21 +107,22 @@ def test_permuting_coordinates_permutes_the_updates():
     torch.manual_seed(2)
     sizes = [6, 10]
     grad = torch.randn(16, dtype=F64)
-    state = torch.randn(16, 2, 2, 20, dtype=F64) * 0.3
+    state = torch.randn(2, 2, 20, 16, dtype=F64) * 0.3
     update, new_state = rule(grad, state, Segments.from_sizes(sizes))
     # Permute within each tensor, and swap the order of the two tensors.
     perm = torch.cat([6 + torch.randperm(10), torch.randperm(6)])
-    update_p, state_p = rule(grad[perm], state[perm], Segments.from_sizes([10, 6]))
+    update_p, state_p = rule(grad[perm], state[..., perm], Segments.from_sizes([10, 6]))
     torch.testing.assert_close(update_p, update[perm], rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(state_p, new_state[perm], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(state_p, new_state[..., perm], rtol=1e-12, atol=1e-13)
 
 
 def test_segments_from_ids_match_consecutive_sizes():
-    x = torch.randn(7, 2, dtype=F64)
+    x = torch.randn(2, 7, dtype=F64)  # (features, coordinates)
     by_sizes = Segments.from_sizes([3, 0, 4]).mean(x)
     by_ids = Segments.from_ids(torch.tensor([0, 0, 0, 2, 2, 2, 2]), 3).mean(x)
     torch.testing.assert_close(by_sizes, by_ids)
-    torch.testing.assert_close(by_sizes[0], x[:3].mean(0))
+    torch.testing.assert_close(by_sizes[:, 0], x[:, :3].mean(1))
+    torch.testing.assert_close(by_sizes[:, 6], x[:, 3:].mean(1))
 
 
 @pytest.mark.parametrize(

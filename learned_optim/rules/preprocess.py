@@ -20,11 +20,11 @@ __all__ = ["log_sign_preprocess"]
 
 
 def log_sign_preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
-    """The two features (N, 2) of a flat gradient (N,), with the paper's exponent ``p``."""
+    """The two features (2, N) of a flat gradient (N,), with the paper's exponent ``p``."""
     threshold = math.exp(-p)
     magnitude = grad.abs()
     large = magnitude >= threshold
     # Clamping keeps log finite (and its gradient zero) on the branch where it is unused.
     log_feature = torch.where(large, torch.log(magnitude.clamp_min(threshold)) / p, -torch.ones_like(grad))
     sign_feature = torch.where(large, torch.sign(grad), grad * math.exp(p))
-    return torch.stack((log_feature, sign_feature), dim=-1)
+    return torch.stack((log_feature, sign_feature))
