@@ -2,12 +2,13 @@
 
 from .base import Task, TaskFamily, TaskStack, families, get_family, register_family
 from .data import ClassificationData, download_mnist, load_mnist, synthetic_classification
-from .mlp import MLPFamily, mlp_forward
+from .mlp import MixedMLPFamily, MLPFamily, mlp_forward
 from .synthetic import NoisyLeastSquaresFamily, NoisyQuadraticFamily, QuadraticFamily, RosenbrockFamily
 
 __all__ = [
     "ClassificationData",
     "MLPFamily",
+    "MixedMLPFamily",
     "NoisyLeastSquaresFamily",
     "NoisyQuadraticFamily",
     "QuadraticFamily",

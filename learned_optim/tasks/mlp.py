@@ -12,7 +12,7 @@ from torch import Tensor
 from .base import Task, TaskFamily, TaskStack, register_family
 from .data import ClassificationData, load_mnist, synthetic_classification
 
-__all__ = ["MLPFamily", "mlp_forward", "ACTIVATIONS"]
+__all__ = ["MLPFamily", "MixedMLPFamily", "mlp_forward", "ACTIVATIONS"]
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 
@@ -128,3 +128,50 @@ def mnist_mlp(hidden: Sequence[int] = (20,), activation: str = "sigmoid", batch_
         meta_train, held_out = data.split(MNIST_META_TRAIN_SIZE, seed=MNIST_SPLIT_SEED)
         data = meta_train if part == "meta-train" else held_out
     return MLPFamily(data, hidden, activation, batch_size, name="mnist-mlp")
+
+
+class MixedMLPFamily(TaskFamily):
+    """MLPs whose architecture is drawn per task: hidden widths, depth and activation.
+
+    For meta-training a rule that generalizes across nets rather than fitting one (the paper's
+    optimizer, trained on one sigmoid net, failed on ReLU). Task ``seed`` draws a depth from
+    ``depths``, a width per layer from ``widths`` and an activation from ``activations``, then
+    is ``MLPFamily(...).sample(seed)`` for that architecture.
+    """
+
+    def __init__(self, data: ClassificationData, widths: Sequence[int] = (20, 40), depths: Sequence[int] = (1, 2),
+                 activations: Sequence[str] = ("sigmoid", "relu"), batch_size: int = 128, name: str = "mlp-mix") -> None:
+        for act in activations:
+            if act not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        self.data, self.widths, self.depths = data, tuple(widths), tuple(depths)
+        self.activations, self.batch_size, self.name = tuple(activations), batch_size, name
+
+    def architecture(self, seed: int) -> tuple[tuple[int, ...], str]:
+        """The (hidden widths, activation) of task ``seed``."""
+        g = torch.Generator().manual_seed(seed * 7 + 3)
+        pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]
+        depth = pick(self.depths)
+        return tuple(pick(self.widths) for _ in range(depth)), pick(self.activations)
+
+    def _family(self, seed: int) -> MLPFamily:
+        hidden, activation = self.architecture(seed)
+        return MLPFamily(self.data, hidden, activation, self.batch_size, name=self.name)
+
+    def sample(self, seed: int) -> Task:
+        return self._family(seed).sample(seed)
+
+    def stack(self, seeds: Sequence[int], device: torch.device | str | None = None) -> TaskStack:
+        """Vectorized when every task has the same architecture, else the generic stack (CPU)."""
+        if len({self.architecture(s) for s in seeds}) == 1:
+            return self._family(seeds[0]).stack(seeds, device)
+        return super().stack(seeds, device)
+
+
+@register_family("mnist-mlp-mix")
+def mnist_mlp_mix(widths: Sequence[int] = (20, 40), depths: Sequence[int] = (1, 2),
+                  activations: Sequence[str] = ("sigmoid", "relu"), batch_size: int = 128,
+                  root: str | os.PathLike | None = None, part: str = "meta-train") -> MixedMLPFamily:
+    """MNIST MLPs of mixed widths, depths and activations (meta-training split by default)."""
+    return MixedMLPFamily(mnist_mlp(root=root, part=part).data, widths, depths, activations, batch_size,
+                          name="mnist-mlp-mix")
