@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__, registry
-from .tasks import families
+from .tasks import families, get_family
 
 __all__ = ["main"]
 
@@ -116,8 +116,15 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
           f"{summary['best_validation']['median_final_loss']:.4g})")
     trainer.rule.load_state_dict(trainer.best_rule)
     rule = trainer.rule.to("cpu").eval()
-    evaluation = evaluate_dropin(rule, trainer.family, list(range(args.eval_seeds)), config.horizon)
-    evaluation["family"] = config.task
+    eval_task = args.eval_task or config.task
+    eval_kwargs = json.loads(args.eval_task_kwargs) if args.eval_task_kwargs else (
+        {} if args.eval_task else {k: v for k, v in task_kwargs.items() if k != "root"})
+    if args.data:
+        eval_kwargs["root"] = args.data
+    eval_family = get_family(eval_task, **eval_kwargs)
+    evaluation = evaluate_dropin(rule, eval_family, list(range(args.eval_seeds)), config.horizon)
+    evaluation["family"] = eval_task
+    evaluation["family_kwargs"] = {k: v for k, v in eval_kwargs.items() if k != "root"}
     command = "learned-optim " + " ".join(args.argv)
     path = trainer.save_weights(args.out, {
         "task": {"family": config.task, "kwargs": {k: v for k, v in task_kwargs.items() if k != "root"}},
@@ -180,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--validation-tasks", type=int, default=128, help="held-out validation tasks")
     p_meta.add_argument("--checkpoint-every", type=int, default=25, help="episodes between checkpoints")
     p_meta.add_argument("--eval-seeds", type=int, default=20, help="held-out draws for the final evaluation")
+    p_meta.add_argument("--eval-task", default=None, help="task family of the final evaluation (default: --task)")
+    p_meta.add_argument("--eval-task-kwargs", default=None,
+                        help='JSON arguments of the evaluation family, e.g. \'{"part": "held-out"}\'')
     p_meta.add_argument("--seed", type=int, default=0)
     p_meta.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p_meta.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -231,3 +231,28 @@ def test_vectorized_stack_equals_separate_tasks(name, kwargs):
     full = stack.losses(params, None)  # no batch: the loss over all data
     for k, task in enumerate(tasks):
         torch.testing.assert_close(full[k], task.loss([p[k] for p in params], None), rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_mlp_family_draws_architectures_per_task():
+    data = synthetic_classification(n=64, dim=5)
+    from learned_optim.tasks import MixedMLPFamily
+
+    family = MixedMLPFamily(data, widths=(3, 7), depths=(1, 2), activations=("sigmoid", "relu"), batch_size=8)
+    archs = {family.architecture(s) for s in range(40)}
+    assert {len(h) for h, _ in archs} == {1, 2} and {a for _, a in archs} == {"sigmoid", "relu"}
+    assert all(w in (3, 7) for h, _ in archs for w in h)
+    seed = 5
+    hidden, activation = family.architecture(seed)
+    task = family.sample(seed)
+    assert [tuple(p.shape) for p in task.initial_params][::2] == [
+        (o, i) for i, o in zip((5, *hidden), (*hidden, 10))]
+    same = MLPFamily(data, hidden, activation, batch_size=8).sample(seed)
+    x = task.sample_batch(task.batch_generator())
+    assert torch.equal(task.loss(task.initial_params, x), same.loss(same.initial_params, x))
+    # A stack of equal architectures is vectorized; mixed ones fall back to the generic loop.
+    twins = [s for s in range(40) if family.architecture(s) == family.architecture(seed)][:2]
+    assert family.stack(twins).param_tasks == [None] * len(task.initial_params)
+    others = [seed] + [s for s in range(40) if family.architecture(s) != family.architecture(seed)][:1]
+    assert family.stack(others).param_tasks[0] == 0
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MixedMLPFamily(data, activations=("gelu",))
