@@ -133,8 +133,9 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
         "evaluation": evaluation,
     })
     print(f"wrote {path} and {path.with_suffix('.safetensors')}")
-    print(f"held-out evaluation ({args.eval_seeds} draws, {config.horizon} steps, drop-in optimizer): "
-          f"median final loss {evaluation['median_final_loss']:.4g} "
+    where = eval_task + (f" {json.dumps(evaluation['family_kwargs'])}" if evaluation["family_kwargs"] else "")
+    print(f"evaluation on {where}, seeds 0..{args.eval_seeds - 1} (never meta-trained on), {config.horizon} steps, "
+          f"drop-in optimizer: median final loss {evaluation['median_final_loss']:.4g} "
           f"(IQR {evaluation['q25']:.4g} – {evaluation['q75']:.4g}, {evaluation['diverged']} diverged)")
     return 0
 

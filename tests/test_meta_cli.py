@@ -20,7 +20,7 @@ def test_meta_train_writes_weights_with_their_provenance(tmp_path, capsys):
     out = tmp_path / "tiny"
     assert main([*ARGS, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out}.json" in printed and "held-out evaluation (3 draws, 20 steps" in printed
+    assert f"wrote {out}.json" in printed and "evaluation on quadratic, seeds 0..2 (never meta-trained on), 20 steps" in printed
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["command"].startswith("learned-optim meta-train --rule lstm-gac")
     assert meta["meta_training"]["episodes"] == 3 and meta["meta_training"]["tasks_per_step"] == 8
@@ -32,8 +32,11 @@ def test_meta_train_writes_weights_with_their_provenance(tmp_path, capsys):
     p = torch.nn.Parameter(torch.ones(4))
     opt = LSTMOptimizer([p], weights=out)
     assert opt.rule.config.hidden_size == 6
-    # Running the same command again resumes at the end: nothing is retrained.
-    assert main([*ARGS, "--out", str(out)]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    # Running it again resumes at the end: nothing is retrained. The final evaluation can use
+    # another family than meta-training (here 5-D quadratics).
+    assert main([*ARGS, "--out", str(out), "--eval-task-kwargs", '{"dim": 5}']) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and 'evaluation on quadratic {"dim": 5}' in printed
+    assert json.loads(out.with_suffix(".json").read_text())["evaluation"]["family_kwargs"] == {"dim": 5}
     log_again = [json.loads(x) for x in (tmp_path / "tiny.run" / "log.jsonl").read_text().splitlines()]
     assert log_again == log
