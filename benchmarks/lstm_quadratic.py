@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from learned_optim import LSTMOptimizer
-from learned_optim.benchmark import OptimizerSpec, baselines, format_table, quantile, run_benchmark
+from learned_optim.benchmark import OptimizerSpec, baselines, format_table, plot_median_band, run_benchmark
 from learned_optim.tasks import get_family
 
 TARGET = 0.015  # the bound on the learned optimizer's median final loss
@@ -36,13 +36,8 @@ def plot(results, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in sorted(results, key=lambda r: r.quantile(0.5)):
-        cols = r.curves.T.tolist()
-        steps = range(1, len(cols) + 1)
-        median = [quantile(c, 0.5) for c in cols]
-        line, = ax.plot(steps, median, label=f"{r.optimizer} (lr {r.lr:.2g})" if "lstm" not in r.optimizer else r.optimizer,
-                        lw=2.2 if "lstm" in r.optimizer else 1.3)
-        ax.fill_between(steps, [quantile(c, 0.25) for c in cols], [quantile(c, 0.75) for c in cols],
-                        color=line.get_color(), alpha=0.12)
+        lstm = "lstm" in r.optimizer
+        plot_median_band(ax, r, r.optimizer if lstm else f"{r.optimizer} (lr {r.lr:.2g})", highlight=lstm)
     ax.set(yscale="log", xlabel="step", ylabel="loss (median, IQR band; 20 draws)",
            title="10-D quadratics ‖Wθ − y‖²")
     ax.legend(fontsize=8)

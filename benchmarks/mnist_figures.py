@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from learned_optim import LSTMOptimizer
-from learned_optim.benchmark import OptimizerSpec, baselines, format_table, quantile, run_benchmark
+from learned_optim.benchmark import OptimizerSpec, baselines, format_table, plot_median_band, quantile, run_benchmark
 from learned_optim.optim.lstm import DEFAULT_WEIGHTS
 from learned_optim.tasks import get_family
 
@@ -77,12 +77,8 @@ def plot(results, learned: str, path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for ax, setting in zip(axes.flat, SETTINGS):
         for r in sorted((r for r in results if r.task == setting), key=lambda r: r.optimizer != learned):
-            cols = r.curves.T.tolist()
-            steps = range(1, len(cols) + 1)
-            line, = ax.plot(steps, [quantile(c, 0.5) for c in cols], lw=2.2 if r.optimizer == learned else 1.2,
-                            label=r.optimizer if r.optimizer == learned else f"{r.optimizer} (lr {r.lr:.2g})")
-            ax.fill_between(steps, [quantile(c, 0.25) for c in cols], [quantile(c, 0.75) for c in cols],
-                            color=line.get_color(), alpha=0.1)
+            mine = r.optimizer == learned
+            plot_median_band(ax, r, r.optimizer if mine else f"{r.optimizer} (lr {r.lr:.2g})", highlight=mine)
         ax.set(yscale="log", title=setting, xlabel="step", ylabel="minibatch loss (median, IQR)")
         ax.legend(fontsize=7)
     fig.tight_layout()

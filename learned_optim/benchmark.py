@@ -40,6 +40,7 @@ __all__ = [
     "format_table",
     "save_results",
     "plot_results",
+    "plot_median_band",
     "DEFAULT_TASKS",
 ]
 
@@ -269,6 +270,15 @@ def save_results(results: Sequence[BenchmarkResult], out_dir: str | Path, header
     (out / "benchmark.md").write_text((header + "\n\n" if header else "") + format_table(results) + "\n")
     (out / "benchmark.json").write_text(json.dumps([r.to_json() for r in results], indent=1))
     return out
+
+
+def plot_median_band(ax, result: BenchmarkResult, label: str, highlight: bool = False) -> None:
+    """Median loss against step with an interquartile band, on a matplotlib axis."""
+    cols = result.curves.T.tolist()
+    steps = range(1, len(cols) + 1)
+    line, = ax.plot(steps, [quantile(c, 0.5) for c in cols], label=label, lw=2.2 if highlight else 1.25)
+    ax.fill_between(steps, [quantile(c, 0.25) for c in cols], [quantile(c, 0.75) for c in cols],
+                    color=line.get_color(), alpha=0.11)
 
 
 def plot_results(results: Sequence[BenchmarkResult], path: str | Path) -> Path:
