@@ -75,7 +75,10 @@ def plot(results, learned: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for ax, setting in zip(axes.flat, SETTINGS):
+    ran = [name for name in SETTINGS if any(r.task == name for r in results)]
+    for ax in axes.flat[len(ran):]:
+        ax.set_visible(False)
+    for ax, setting in zip(axes.flat, ran):
         for r in sorted((r for r in results if r.task == setting), key=lambda r: r.optimizer != learned):
             mine = r.optimizer == learned
             plot_median_band(ax, r, r.optimizer if mine else f"{r.optimizer} (lr {r.lr:.2g})", highlight=mine)
