@@ -114,10 +114,6 @@ class MetaTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MetaTrainConfig":
-        return cls(**data)
-
     def training(self) -> dict[str, Any]:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
         keep = ("rule", "rule_config", "task", "task_kwargs", "horizon", "truncation", "tasks_per_step",
@@ -250,21 +246,21 @@ class MetaTrainer:
         applied = []
         for truncation in range(cfg.horizon // cfg.truncation):
             result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
-            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(result.grads, self.rule.parameters())]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            params = list(self.rule.parameters())
+            for p, g in zip(params, result.grads):
+                p.grad = g if g is not None else torch.zeros_like(p)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)  # the norm before clipping
             exploded = result.final_loss > cfg.explode_ratio * float(state.initial_losses.mean())
             record = {"kind": "train", "episode": self.episode, "truncation": truncation,
                       "meta_loss": result.meta_loss, "grad_norm": float(norm), "final_loss": result.final_loss}
             if not (math.isfinite(result.meta_loss) and torch.isfinite(norm)) or exploded:
+                self.optimizer.zero_grad(set_to_none=True)
                 self.skipped += 1
                 record["skipped"] = "non-finite" if not exploded else "exploded"
                 self._log(record)
                 self.print(f"episode {self.episode} truncation {truncation}: {record['skipped']} meta-loss "
                            f"{result.meta_loss:.4g}; skipped, episode abandoned ({self.skipped} so far)")
                 break
-            scale = min(1.0, cfg.clip_grad_norm / (float(norm) + 1e-12))
-            for p, g in zip(self.rule.parameters(), grads):
-                p.grad = g * scale
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._log(record)

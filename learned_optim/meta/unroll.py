@@ -49,14 +49,13 @@ def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Se
 
 @dataclass
 class UnrollState:
-    """Where an unroll stands at step ``step``: θ_t, the rule state h_t, and f, ∇f at θ_t (all detached)."""
+    """Where an unroll stands: θ_t, the rule state h_t, and f, ∇f at θ_t (all detached)."""
 
     params: list[Tensor]
     rule_state: Tensor
     grad: Tensor
     losses: Tensor  # (K,) f(θ_t)
     stream: Any
-    step: int
     initial_losses: Tensor  # (K,) f(θ_0)
 
 
@@ -71,20 +70,23 @@ class Unroll:
         self.sizes = [p.numel() for p in params]
         self.segments = stack_segments(rule.config.gac_scope, stack, params)
 
-    def _loss_and_grad(self, params: list[Tensor], stream: Any, create_graph: bool) -> tuple[Tensor, Tensor]:
+    def _loss_and_grad(self, params: list[Tensor], stream: Any, create_graph: bool,
+                       keep_graph: bool) -> tuple[Tensor, Tensor]:
+        """f and ∇f at ``params``; ``keep_graph`` keeps the loss's graph for a later meta-gradient."""
         with torch.enable_grad():
             losses = self.stack.losses(params, self.stack.sample_batch(stream))
-            grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph, retain_graph=True)
+            grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph,
+                                        retain_graph=keep_graph or create_graph)
         return losses, torch.cat([g.reshape(-1) for g in grads])
 
     def start(self) -> UnrollState:
         """θ_0, a zero rule state, and f, ∇f at θ_0."""
         params = self.stack.init_params()
         stream = self.stack.new_stream()
-        losses, grad = self._loss_and_grad(params, stream, create_graph=False)
+        losses, grad = self._loss_and_grad(params, stream, create_graph=False, keep_graph=False)
         losses = losses.detach()
         state = self.rule.init_state(grad.numel(), device=grad.device)
-        return UnrollState([p.detach() for p in params], state, grad.to(state.dtype), losses, stream, 0, losses)
+        return UnrollState([p.detach() for p in params], state, grad.to(state.dtype), losses, stream, losses)
 
     def run(self, state: UnrollState, steps: int, track: bool = True) -> tuple[Tensor, UnrollState]:
         """Advance ``steps`` steps; the (steps, K) losses f(θ_{t+1..t+steps}) and the new state.
@@ -104,14 +106,13 @@ class Unroll:
                 if not track:
                     params = [p.detach().requires_grad_(True) for p in params]
                     rule_state = rule_state.detach()
-                losses, grad = self._loss_and_grad(params, state.stream, create_graph=second_order)
+                losses, grad = self._loss_and_grad(params, state.stream, create_graph=second_order, keep_graph=track)
                 grad = grad.to(rule_state.dtype)
                 if not second_order:
                     grad = grad.detach()
                 history.append(losses if track else losses.detach())
         new_state = UnrollState(
             [p.detach() for p in params], rule_state.detach(), grad.detach(),
-            history[-1].detach() if history else state.losses, state.stream, state.step + steps,
-            state.initial_losses,
+            history[-1].detach() if history else state.losses, state.stream, state.initial_losses,
         )
         return torch.stack(history) if history else state.losses.new_zeros(0, state.losses.numel()), new_state

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register
-from ..rules import LSTMGACRule, load_rule
+from ..rules import LSTMGACRule, Segments, load_rule
 from ._base import PackageOptimizer, check_positive
 
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
@@ -81,6 +81,7 @@ class LSTMOptimizer(PackageOptimizer):
         self.weights_metadata: dict[str, Any] = meta
         self._fingerprint = rule_fingerprint(self.rule)
         self._rules_on: dict[torch.device, LSTMGACRule] = {}
+        self._segments: dict[tuple, Segments] = {}  # GAC scopes per (device, tensor sizes): built once
         super().__init__(params, dict(lr=lr, check_finite=check_finite))
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -90,7 +91,7 @@ class LSTMOptimizer(PackageOptimizer):
         """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
         state = super().__getstate__()
         state.update(rule=self.rule, weights_metadata=self.weights_metadata,
-                     _fingerprint=self._fingerprint, _rules_on={})
+                     _fingerprint=self._fingerprint, _rules_on={}, _segments={})
         return state
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
@@ -112,16 +113,17 @@ class LSTMOptimizer(PackageOptimizer):
             by_device.setdefault(p.device, []).append(i)
         for device, indices in by_device.items():
             rule = self._rule_on(device)
-            sizes = [params[i].numel() for i in indices]
+            sizes = tuple(params[i].numel() for i in indices)
+            key = (device, sizes)
+            if key not in self._segments:
+                self._segments[key] = rule.segments(sizes, device)
             flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
             lstm_state = torch.cat([states[i]["lstm"] for i in indices], dim=-1)
-            update, new_state = rule(flat_grad, lstm_state, rule.segments(sizes, device))
-            offset = 0
-            for i, n in zip(indices, sizes):
-                p = params[i]
-                p.add_(update[offset : offset + n].view(p.shape).to(p.dtype), alpha=group["lr"])
-                states[i]["lstm"].copy_(new_state[..., offset : offset + n])
-                offset += n
+            update, new_state = rule(flat_grad, lstm_state, self._segments[key])
+            targets = [params[i] for i in indices]
+            updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
+            torch._foreach_add_(targets, updates, alpha=group["lr"])
+            torch._foreach_copy_([states[i]["lstm"] for i in indices], list(new_state.split(sizes, dim=-1)))
 
     def state_dict(self) -> dict[str, Any]:
         """``Optimizer.state_dict`` plus the fingerprint of the rule the LSTM states belong to."""

@@ -84,9 +84,8 @@ class Segments:
     def __init__(self, ids: Tensor | None, count: int, size: int) -> None:
         self.ids, self.count, self.size = ids, count, size
         if ids is not None:
-            counts = torch.zeros(count, dtype=torch.float64, device=ids.device)
-            counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=torch.float64, device=ids.device))
-            self._counts = counts.clamp_min(1.0)  # empty scopes (zero-size tensors) gather nothing
+            # Empty scopes (zero-size tensors) gather nothing; clamping keeps their mean finite.
+            self._counts = torch.bincount(ids, minlength=count).clamp_min(1)
 
     @classmethod
     def single(cls, size: int) -> "Segments":

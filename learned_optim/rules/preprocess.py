@@ -25,6 +25,6 @@ def log_sign_preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
     magnitude = grad.abs()
     large = magnitude >= threshold
     # Clamping keeps log finite (and its gradient zero) on the branch where it is unused.
-    log_feature = torch.where(large, torch.log(magnitude.clamp_min(threshold)) / p, -torch.ones_like(grad))
+    log_feature = torch.where(large, torch.log(magnitude.clamp_min(threshold)) / p, -1.0)
     sign_feature = torch.where(large, torch.sign(grad), grad * math.exp(p))
     return torch.stack((log_feature, sign_feature))

@@ -18,12 +18,17 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 
 
 def mlp_forward(params: Sequence[Tensor], x: Tensor, activation: str = "sigmoid") -> Tensor:
-    """Logits of an MLP whose params are [W1, b1, W2, b2, ...] with W of shape (out, in)."""
+    """Logits of an MLP whose params are [W1, b1, W2, b2, ...] with W of shape (out, in).
+
+    Stacked params of K nets, W (K, out, in) and b (K, out), give (K, B, classes) logits for
+    x of shape (K, B, in), or for shared inputs (N, in).
+    """
     act = ACTIVATIONS[activation]
     h = x
     n_layers = len(params) // 2
     for i in range(n_layers):
-        h = F.linear(h, params[2 * i], params[2 * i + 1])
+        w, b = params[2 * i], params[2 * i + 1]
+        h = F.linear(h, w, b) if w.dim() == 2 else torch.matmul(h, w.transpose(1, 2)) + b.unsqueeze(1)
         if i < n_layers - 1:
             h = act(h)
     return h
@@ -79,7 +84,7 @@ class MLPFamily(TaskFamily):
         tasks = [self.sample(s) for s in seeds]
         stacked = [torch.stack([t.initial_params[j] for t in tasks]).to(device) for j in range(len(tasks[0].initial_params))]
         inputs, labels = self.data.inputs.to(device), self.data.labels.to(device)
-        act, n, b = ACTIVATIONS[self.activation], inputs.shape[0], self.batch_size
+        activation, n, b = self.activation, inputs.shape[0], self.batch_size
 
         def new_stream():
             return [t.batch_generator() for t in tasks]
@@ -90,11 +95,7 @@ class MLPFamily(TaskFamily):
 
         def losses(ps, xy):
             x, y = xy if xy is not None else (inputs, labels.expand(len(tasks), n))
-            h = x
-            for i in range(len(ps) // 2):  # (K, B, in) or (N, in) @ (K, in, out) -> (K, B|N, out)
-                h = torch.matmul(h, ps[2 * i].transpose(1, 2)) + ps[2 * i + 1].unsqueeze(1)
-                if i < len(ps) // 2 - 1:
-                    h = act(h)
+            h = mlp_forward(ps, x, activation)  # (K, B or N, classes)
             per_example = F.cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1), reduction="none")
             return per_example.view(len(tasks), -1).mean(1)
 
