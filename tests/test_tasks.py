@@ -210,7 +210,9 @@ def test_mnist_parts_split_the_test_set_once_and_disjointly():
         get_family("mnist-mlp", root=mnist_root(), part="train")
 
 
-@pytest.mark.parametrize("name, kwargs", [("mlp", {"hidden": (6, 5), "batch_size": 16}), ("quadratic", {"dim": 4})])
+@pytest.mark.parametrize("name, kwargs", [("mlp", {"hidden": (6, 5), "batch_size": 16}),
+                                          ("mlp", {"hidden": (4,), "batch_size": 8, "n": 64, "examples_per_task": 20}),
+                                          ("quadratic", {"dim": 4})])
 def test_vectorized_stack_equals_separate_tasks(name, kwargs):
     """family.stack(seeds) is K tasks in one call: same θ₀, minibatches and losses as sample(seed)."""
     family = get_family(name, **kwargs)
@@ -231,6 +233,27 @@ def test_vectorized_stack_equals_separate_tasks(name, kwargs):
     full = stack.losses(params, None)  # no batch: the loss over all data
     for k, task in enumerate(tasks):
         torch.testing.assert_close(full[k], task.loss([p[k] for p in params], None), rtol=1e-5, atol=1e-6)
+
+
+def test_examples_per_task_gives_each_task_its_own_subset_of_the_part():
+    data = synthetic_classification(n=64, dim=5)
+    family = MLPFamily(data, hidden=(3,), batch_size=50, examples_per_task=10)
+    subsets = [family.examples(seed) for seed in range(3)]
+    assert all(len(set(s.tolist())) == 10 and 0 <= int(s.min()) and int(s.max()) < 64 for s in subsets)
+    assert not torch.equal(subsets[0], subsets[1])
+    assert torch.equal(family.examples(1), subsets[1])  # fixed by the seed
+    # Every minibatch of task 1 is drawn from its 10 examples only.
+    task = family.sample(1)
+    x, _ = task.sample_batch(task.batch_generator())
+    rows = {tuple(r) for r in data.inputs[subsets[1]].tolist()}
+    assert x.shape[0] == 50 and all(tuple(r) in rows for r in x.tolist())
+    # The whole-data loss is over the subset.
+    from learned_optim.tasks import mlp_forward
+    expected = torch.nn.functional.cross_entropy(mlp_forward(task.initial_params, data.inputs[subsets[1]]), data.labels[subsets[1]])
+    torch.testing.assert_close(task.loss(task.initial_params, None), expected)
+    assert MLPFamily(data, hidden=(3,)).examples(1) is None
+    with pytest.raises(ValueError, match=r"examples_per_task must be an integer in \[1, 64\]"):
+        MLPFamily(data, examples_per_task=65)
 
 
 def test_mixed_mlp_family_draws_architectures_per_task():
