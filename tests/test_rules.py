@@ -3,6 +3,7 @@ global averaging cells, order independence, and config validation."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -50,8 +51,9 @@ def test_lstm_without_gac_is_exactly_a_stack_of_torch_lstm_cells():
     cfg = rule.config
     torch.manual_seed(0)
     grad = torch.randn(7, dtype=F64) * 3
-    state = torch.randn(cfg.num_layers, 2, cfg.hidden_size, 7, dtype=F64) * 0.5  # (L, h/c, H, N)
+    state = torch.randn(cfg.state_rows, 7, dtype=F64) * 0.5
     update, new_state = rule(grad, state, Segments.single(7))
+    state, new_state = rule.split_state(state)[0], rule.split_state(new_state)[0]  # (L, h/c, H, N)
 
     x = log_sign_preprocess(grad, cfg.preprocess_p).T  # (N, 2) for torch's (batch, features)
     for layer in range(cfg.num_layers):
@@ -78,7 +80,7 @@ def test_global_averaging_cells_output_the_scope_mean():
     state = rule.init_state(9)
     segments = Segments.from_sizes([4, 5])
     _, new_state = rule(grad, state, segments)
-    h0 = new_state[0, 0].T  # layer 0's h as (N, H)
+    h0 = rule.split_state(new_state)[0][0, 0].T  # layer 0's h as (N, H)
     # GAC units are constant within each scope and differ between them...
     for a, b in ((0, 4), (4, 9)):
         assert torch.allclose(h0[a:b, :3], h0[a:a + 1, :3].expand(b - a, 3))
@@ -87,7 +89,7 @@ def test_global_averaging_cells_output_the_scope_mean():
     plain = _rule(gac_cells=0)
     plain.load_state_dict(rule.state_dict())
     _, raw = plain(grad, state, segments)
-    raw_h0 = raw[0, 0].T
+    raw_h0 = plain.split_state(raw)[0][0, 0].T
     torch.testing.assert_close(h0[:4, :3], raw_h0[:4, :3].mean(0).expand(4, 3))
     # Non-GAC units are per coordinate.
     torch.testing.assert_close(h0[:, 3:], raw_h0[:, 3:])
@@ -98,7 +100,7 @@ def test_group_scope_averages_over_every_tensor_of_the_group():
     segments = rule.segments([4, 5])
     assert segments.count == 1
     _, state = rule(torch.randn(9, dtype=F64), rule.init_state(9), segments)
-    gac = state[0, 0, :2]  # (2, N)
+    gac = rule.split_state(state)[0][0, 0, :2]  # (2, N)
     assert torch.allclose(gac, gac[:, :1].expand(2, 9))
 
 
@@ -107,7 +109,7 @@ def test_permuting_coordinates_permutes_the_updates():
     torch.manual_seed(2)
     sizes = [6, 10]
     grad = torch.randn(16, dtype=F64)
-    state = torch.randn(2, 2, 20, 16, dtype=F64) * 0.3
+    state = torch.randn(rule.config.state_rows, 16, dtype=F64) * 0.3
     update, new_state = rule(grad, state, Segments.from_sizes(sizes))
     # Permute within each tensor, and swap the order of the two tensors.
     perm = torch.cat([6 + torch.randperm(10), torch.randperm(6)])
@@ -135,6 +137,7 @@ def test_segments_from_ids_match_consecutive_sizes():
         ({"gac_scope": "layer"}, "gac_scope"),
         ({"preprocess_p": 0.0}, "preprocess_p"),
         ({"output_scale": float("nan")}, "output_scale"),
+        ({"momentum_decays": (0.9, 1.0)}, "momentum_decays"),
     ],
 )
 def test_bad_configs_are_refused_by_name(kwargs, name):
@@ -143,7 +146,59 @@ def test_bad_configs_are_refused_by_name(kwargs, name):
 
 
 def test_config_round_trips_and_refuses_unknown_fields():
-    cfg = LSTMGACConfig(hidden_size=8, gac_cells=1, gac_scope="group")
-    assert LSTMGACConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = LSTMGACConfig(hidden_size=8, gac_cells=1, gac_scope="group", momentum_decays=[0.5, 0.9])
+    assert cfg.momentum_decays == (0.5, 0.9)
+    assert LSTMGACConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # through JSON
     with pytest.raises(ValueError, match="unknown LSTMGACConfig fields.*colour"):
         LSTMGACConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+
+
+def test_momentum_sums_and_their_learned_step_sizes_by_hand():
+    """m_j ← β_j·m_j + ∇; g = s·(wᵀh + b) + Σ_j (u_jᵀh + c_j)·m_j with h the LSTM's top output."""
+    rule = _rule(momentum_decays=(0.5, 0.9))
+    assert rule.config.state_rows == 2 * 2 * 20 + 2
+    torch.manual_seed(4)
+    n = 6
+    grad = torch.randn(n, dtype=F64)
+    state = torch.randn(rule.config.state_rows, n, dtype=F64) * 0.3
+    with torch.no_grad():
+        rule.momentum_weight.normal_()
+        rule.momentum_bias.copy_(torch.tensor([-0.7, 0.2]))
+    update, new_state = rule(grad, state, Segments.single(n))
+    lstm, momentum = rule.split_state(state)
+    expected_m = torch.stack([0.5 * momentum[0] + grad, 0.9 * momentum[1] + grad])
+    torch.testing.assert_close(rule.split_state(new_state)[1], expected_m, rtol=1e-14, atol=1e-14)
+    # The LSTM sees the log/sign features of ∇, m_1, m_2 (in that order of signals).
+    features = torch.cat([log_sign_preprocess(v, 10.0) for v in (grad, expected_m[0], expected_m[1])])
+    order = [0, 2, 4, 1, 3, 5]  # (log ∇, log m_1, log m_2, sign ∇, sign m_1, sign m_2)
+    top, new_lstm = rule.core(features[order], lstm, Segments.single(n))
+    torch.testing.assert_close(rule.split_state(new_state)[0], new_lstm, rtol=1e-14, atol=1e-14)
+    plain = (top.T @ rule.output_weight + rule.output_bias).squeeze(1) * 0.1
+    step_sizes = top.T @ rule.momentum_weight + rule.momentum_bias  # (N, M)
+    torch.testing.assert_close(update, plain + (step_sizes * expected_m.T).sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_a_momentum_rule_with_zero_lstm_output_is_heavy_ball_momentum():
+    """With w = u = 0 and b = 0, the rule is θ ← θ + c·m, m ← β·m + ∇: heavy ball with lr −c."""
+    rule = _rule(momentum_decays=(0.9,))
+    with torch.no_grad():
+        rule.output_weight.zero_()
+        rule.momentum_bias.fill_(-0.05)
+    theta = torch.tensor([1.0, -2.0, 3.0], dtype=F64)
+    reference = theta.clone().requires_grad_(True)
+    sgd = torch.optim.SGD([reference], lr=0.05, momentum=0.9)
+    state = rule.init_state(3)
+    for _ in range(5):
+        grad = 2 * theta * torch.tensor([1.0, 3.0, 0.5], dtype=F64)  # a diagonal quadratic
+        update, state = rule(grad, state, Segments.single(3))
+        theta = theta + update
+        sgd.zero_grad()
+        reference.grad = 2 * reference.detach() * torch.tensor([1.0, 3.0, 0.5], dtype=F64)
+        sgd.step()
+        torch.testing.assert_close(theta, reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_rule_state_of_the_wrong_shape_is_refused():
+    rule = _rule()
+    with pytest.raises(ValueError, match=r"rule state must have shape \(80, N\)"):
+        rule(torch.zeros(3, dtype=F64), torch.zeros(2, 2, 20, 3, dtype=F64), Segments.single(3))

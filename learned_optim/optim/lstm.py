@@ -3,9 +3,10 @@
 
 Each step flattens the gradients of a param group into one vector, runs the rule on all
 coordinates at once (:class:`~learned_optim.rules.LSTMGACRule`, under ``no_grad``) and adds
-``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's LSTM hidden and cell
-states live in ``optimizer.state[p]["lstm"]`` (float32, shape (layers, 2, hidden, numel)),
-so ``state_dict`` round-trips like any torch optimizer's.
+``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's rule state (LSTM hidden
+and cell states, and momentum sums if the weights use them) lives in
+``optimizer.state[p]["rule_state"]`` (float32, shape (rule.config.state_rows, numel)), so
+``state_dict`` round-trips like any torch optimizer's.
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ class LSTMOptimizer(PackageOptimizer):
         return state
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
-        return self.rule.dtype if key == "lstm" else super()._state_dtype(param, key)
+        return self.rule.dtype if key == "rule_state" else super()._state_dtype(param, key)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
-        state["lstm"] = self.rule.init_state(param.numel(), device=param.device)
+        state["rule_state"] = self.rule.init_state(param.numel(), device=param.device)
 
     def _rule_on(self, device: torch.device) -> LSTMGACRule:
         if device == self.rule.device:
@@ -118,12 +119,12 @@ class LSTMOptimizer(PackageOptimizer):
             if key not in self._segments:
                 self._segments[key] = rule.segments(sizes, device)
             flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
-            lstm_state = torch.cat([states[i]["lstm"] for i in indices], dim=-1)
-            update, new_state = rule(flat_grad, lstm_state, self._segments[key])
+            rule_state = torch.cat([states[i]["rule_state"] for i in indices], dim=-1)
+            update, new_state = rule(flat_grad, rule_state, self._segments[key])
             targets = [params[i] for i in indices]
             updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
             torch._foreach_add_(targets, updates, alpha=group["lr"])
-            torch._foreach_copy_([states[i]["lstm"] for i in indices], list(new_state.split(sizes, dim=-1)))
+            torch._foreach_copy_([states[i]["rule_state"] for i in indices], list(new_state.split(sizes, dim=-1)))
 
     def state_dict(self) -> dict[str, Any]:
         """``Optimizer.state_dict`` plus the fingerprint of the rule the LSTM states belong to."""
@@ -138,7 +139,7 @@ class LSTMOptimizer(PackageOptimizer):
             raise ValueError(
                 "this state_dict was saved by an LSTMOptimizer with other weights "
                 f"(rule fingerprint {str(saved.get('fingerprint'))[:12]}…, this optimizer's "
-                f"{self._fingerprint[:12]}…); its LSTM states would be meaningless here"
+                f"{self._fingerprint[:12]}…); its rule states would be meaningless here"
             )
         super().load_state_dict(state_dict)
 

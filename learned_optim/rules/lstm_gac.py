@@ -10,6 +10,14 @@ and θ_{t+1} = θ_t + g_t with g_t the output. Global averaging cells (GAC): the
 coordinates in a scope (one parameter tensor, or one param group), which lets the rule see
 global quantities such as the gradient norm (enough for L2 gradient clipping).
 
+Option beyond the paper, ``momentum_decays`` (β₁…β_M): each coordinate also keeps momentum
+sums m_j ← β_j·m_j + ∇ (in the rule state). They enter twice: as extra preprocessed inputs of
+the LSTM, and in the output, g_t = s·(wᵀh + b) + Σ_j (u_jᵀh + c_j)·m_j, a learned
+per-coordinate step size on each momentum direction (momentum inputs as in Wichrowska et al.
+2017 and Metz et al. 2020; an LSTM that scales hand-designed directions, as in Almeida et al.
+2021). With u = c = 0, the starting point, this is the plain rule; c_j alone is heavy-ball
+momentum, which the plain rule, seeing only log|∇| and sign ∇, can express only roughly.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere.
@@ -43,8 +51,13 @@ class LSTMGACConfig:
     preprocess_p: float = 10.0  # p of the log/sign preprocessing
     output_scale: float = 0.1  # the paper's MNIST value
     extra_inputs: int = 0  # inputs besides the 2 preprocessed features (NTM-BFGS's read)
+    momentum_decays: tuple[float, ...] = ()  # β_j of the momentum sums (empty: the paper's rule)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
+        for beta in self.momentum_decays:
+            if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < 1:
+                raise ValueError(f"momentum_decays must lie in (0, 1), got {beta!r}")
         for name in ("hidden_size", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -63,7 +76,19 @@ class LSTMGACConfig:
                 raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["momentum_decays"] = list(self.momentum_decays)
+        return out
+
+    @property
+    def lstm_rows(self) -> int:
+        """Rows of the rule state holding LSTM h and c: 2·layers·hidden."""
+        return 2 * self.num_layers * self.hidden_size
+
+    @property
+    def state_rows(self) -> int:
+        """Rows of the rule state per coordinate: LSTM h and c, then one per momentum sum."""
+        return self.lstm_rows + len(self.momentum_decays)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LSTMGACConfig":
@@ -172,10 +197,23 @@ class LSTMGACRule(nn.Module):
         self.config = config or LSTMGACConfig()
         cfg = self.config
         gen = torch.Generator().manual_seed(seed)
-        self.core = LSTMGACCore(2 + cfg.extra_inputs, cfg.hidden_size, cfg.num_layers, cfg.gac_cells, gen)
+        num_momenta = len(cfg.momentum_decays)
+        inputs = 2 * (1 + num_momenta) + cfg.extra_inputs
+        self.core = LSTMGACCore(inputs, cfg.hidden_size, cfg.num_layers, cfg.gac_cells, gen)
         bound = 1.0 / math.sqrt(cfg.hidden_size)
         self.output_weight = nn.Parameter((torch.rand(cfg.hidden_size, 1, generator=gen) * 2 - 1) * bound)
         self.output_bias = nn.Parameter(torch.zeros(1))
+        if num_momenta:  # u_j, c_j: step sizes on the momentum sums, zero at the start
+            self.momentum_weight = nn.Parameter(torch.zeros(cfg.hidden_size, num_momenta))
+            self.momentum_bias = nn.Parameter(torch.zeros(num_momenta))
+        self._decays: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # β as (M, 1), per dtype/device
+
+    def _momentum_decays(self, like: Tensor) -> Tensor:
+        """β_j as an (M, 1) tensor in ``like``'s dtype and device (made exactly from the config's floats)."""
+        key = (like.dtype, like.device)
+        if key not in self._decays:
+            self._decays[key] = torch.tensor(self.config.momentum_decays, dtype=like.dtype, device=like.device).unsqueeze(1)
+        return self._decays[key]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,10 +224,17 @@ class LSTMGACRule(nn.Module):
         return self.output_weight.device
 
     def init_state(self, num_coordinates: int, device: torch.device | str | None = None) -> Tensor:
-        """Zero hidden and cell states (L, 2, H, N) for N = ``num_coordinates`` (coordinates last)."""
-        cfg = self.config
-        return torch.zeros(cfg.num_layers, 2, cfg.hidden_size, num_coordinates, dtype=self.dtype,
+        """The zero state (R, N) for N = ``num_coordinates``: R = ``config.state_rows`` rows per coordinate."""
+        return torch.zeros(self.config.state_rows, num_coordinates, dtype=self.dtype,
                            device=device if device is not None else self.device)
+
+    def split_state(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Views of a state (R, N): LSTM h and c (L, 2, H, N), and the momentum sums (M, N)."""
+        cfg = self.config
+        if state.dim() != 2 or state.shape[0] != cfg.state_rows:
+            raise ValueError(f"rule state must have shape ({cfg.state_rows}, N), got {tuple(state.shape)}")
+        lstm, momentum = state.split((cfg.lstm_rows, len(cfg.momentum_decays)))
+        return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum
 
     def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> Segments:
         """The GAC scopes for a param group whose tensors have ``sizes`` coordinates."""
@@ -199,13 +244,25 @@ class LSTMGACRule(nn.Module):
 
     def forward(self, grad: Tensor, state: Tensor, segments: Segments,
                 extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """g_t and the new state from flat gradients (N,) and states (L, 2, H, N).
+        """g_t and the new state from flat gradients (N,) and states (R, N).
 
         ``extra`` (extra_inputs, N) feeds additional per-coordinate inputs (NTM-BFGS's read).
         """
-        features = log_sign_preprocess(grad, self.config.preprocess_p)
+        cfg = self.config
+        lstm_state, momentum = self.split_state(state)
+        if cfg.momentum_decays:
+            momentum = torch.addcmul(grad.unsqueeze(0), self._momentum_decays(momentum), momentum)  # m ← β·m + ∇
+            signals = torch.cat((grad.unsqueeze(0), momentum))
+        else:
+            signals = grad.unsqueeze(0)
+        features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), N)
         if extra is not None:
             features = torch.cat((features, extra), dim=0)
-        top, new_state = self.core(features, state, segments)
-        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0)
-        return update * self.config.output_scale, new_state
+        top, new_lstm = self.core(features, lstm_state, segments)
+        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
+        new_state = new_lstm.view(cfg.lstm_rows, -1)
+        if cfg.momentum_decays:
+            step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, N)
+            update = update + (step_sizes * momentum).sum(0)
+            new_state = torch.cat((new_state, momentum))
+        return update, new_state

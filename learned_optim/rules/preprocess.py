@@ -20,7 +20,7 @@ __all__ = ["log_sign_preprocess"]
 
 
 def log_sign_preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
-    """The two features (2, N) of a flat gradient (N,), with the paper's exponent ``p``."""
+    """The two features (2, *shape) of a gradient of any shape (N,) or (k, N), exponent ``p``."""
     threshold = math.exp(-p)
     magnitude = grad.abs()
     large = magnitude >= threshold
