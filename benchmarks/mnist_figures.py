@@ -17,7 +17,8 @@ optimizer runs as meta-trained (lr 1). Evaluation: 20 seeds (0–19: other initi
 minibatch streams). Final loss = mean of the last 10 minibatch losses; median and IQR.
 
 Usage: ``python benchmarks/mnist_figures.py --data ../shared/data --out results/mnist --plot``
-(``--weights NAME`` picks shipped or saved weights; default: LSTMOptimizer's default).
+(``--weights NAME[,NAME…]`` picks shipped or saved weights, each run as its own optimizer and
+checked against the targets; default: LSTMOptimizer's default).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -68,7 +70,7 @@ def verdicts(results, learned: str) -> list[str]:
     return lines
 
 
-def plot(results, learned: str, path: Path) -> None:
+def plot(results, learned: Sequence[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,8 +81,8 @@ def plot(results, learned: str, path: Path) -> None:
     for ax in axes.flat[len(ran):]:
         ax.set_visible(False)
     for ax, setting in zip(axes.flat, ran):
-        for r in sorted((r for r in results if r.task == setting), key=lambda r: r.optimizer != learned):
-            mine = r.optimizer == learned
+        for r in sorted((r for r in results if r.task == setting), key=lambda r: r.optimizer not in learned):
+            mine = r.optimizer in learned
             plot_median_band(ax, r, r.optimizer if mine else f"{r.optimizer} (lr {r.lr:.2g})", highlight=mine)
         ax.set(yscale="log", title=setting, xlabel="step", ylabel="minibatch loss (median, IQR)")
         ax.legend(fontsize=7)
@@ -92,7 +94,8 @@ def plot(results, learned: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="directory holding mnist/ (default: $LEARNED_OPTIM_DATA)")
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="learned optimizer weights (name or path)")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                        help="learned optimizer weights (names or paths, comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("results/mnist"))
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
     parser.add_argument("--seeds", type=int, default=20)
@@ -103,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
     tasks = {name: (get_family("mnist-mlp", root=args.data, part="held-out", **SETTINGS[name][0]), SETTINGS[name][1])
              for name in chosen}
-    probe = LSTMOptimizer([torch.zeros(1, requires_grad=True)], weights=args.weights)
-    learned = f"lstm-gac ({probe.weights_metadata.get('name') or args.weights})"
     specs = dict(baselines())
-    specs[learned] = OptimizerSpec(learned, lambda p, lr, t: LSTMOptimizer(p, weights=args.weights, lr=lr), (1.0,))
+    learned, metadata = [], {}
+    for weights in (w.strip() for w in args.weights.split(",") if w.strip()):
+        probe = LSTMOptimizer([torch.zeros(1, requires_grad=True)], weights=weights)
+        name = f"lstm-gac ({probe.weights_metadata.get('name') or weights})"
+        learned.append(name)
+        metadata[name] = probe.weights_metadata
+        specs[name] = OptimizerSpec(name, lambda p, lr, t, w=weights: LSTMOptimizer(p, weights=w, lr=lr), (1.0,))
     start = time.perf_counter()
     results = run_benchmark(tasks, specs, eval_seeds=range(args.seeds), tune_seeds=(10_000, 10_001, 10_002),
                             jobs=args.jobs, log=print)
@@ -116,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
              "2,000 held-out MNIST images; final loss = mean of the last 10 minibatch losses.", "",
              format_table(results), ""]
     if set(SETTINGS) <= set(chosen):
-        lines += ["Targets:", *verdicts(results, learned)]
+        for name in learned:
+            others = [r for r in results if r.optimizer == name or r.optimizer not in learned]
+            lines += [f"Targets, {name}:", *verdicts(others, name), ""]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mnist.md").write_text(text)
     (args.out / "mnist.json").write_text(json.dumps({"results": [r.to_json() for r in results],
-                                                     "weights": probe.weights_metadata}, indent=1, default=str))
+                                                     "weights": metadata}, indent=1, default=str))
     if args.plot:
         plot(results, learned, args.out / "mnist.png")
         print(f"wrote {args.out / 'mnist.png'}")
