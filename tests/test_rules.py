@@ -138,6 +138,9 @@ def test_segments_from_ids_match_consecutive_sizes():
         ({"preprocess_p": 0.0}, "preprocess_p"),
         ({"output_scale": float("nan")}, "output_scale"),
         ({"momentum_decays": (0.9, 1.0)}, "momentum_decays"),
+        ({"momentum_decays": (0.9,), "momentum_rms_decay": 1.0}, "momentum_rms_decay"),
+        ({"momentum_rms_decay": 0.99}, "momentum_rms_decay needs momentum_decays"),
+        ({"momentum_decays": (0.5, 0.999), "momentum_rms_decay": 0.99}, r"square of every momentum decay.*0\.999"),
     ],
 )
 def test_bad_configs_are_refused_by_name(kwargs, name):
@@ -165,7 +168,7 @@ def test_momentum_sums_and_their_learned_step_sizes_by_hand():
         rule.momentum_weight.normal_()
         rule.momentum_bias.copy_(torch.tensor([-0.7, 0.2]))
     update, new_state = rule(grad, state, Segments.single(n))
-    lstm, momentum = rule.split_state(state)
+    lstm, momentum, _ = rule.split_state(state)
     expected_m = torch.stack([0.5 * momentum[0] + grad, 0.9 * momentum[1] + grad])
     torch.testing.assert_close(rule.split_state(new_state)[1], expected_m, rtol=1e-14, atol=1e-14)
     # The LSTM sees the log/sign features of ∇, m_1, m_2 (in that order of signals).
@@ -196,6 +199,55 @@ def test_a_momentum_rule_with_zero_lstm_output_is_heavy_ball_momentum():
         reference.grad = 2 * reference.detach() * torch.tensor([1.0, 3.0, 0.5], dtype=F64)
         sgd.step()
         torch.testing.assert_close(theta, reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _adam_like_reference(grads, betas, beta2, c):
+    """θ-increments Σ_j c_j·(1−β_j)·m_j/(√v + ε), written out loop by loop (no bias correction)."""
+    m = [torch.zeros_like(grads[0]) for _ in betas]
+    v = torch.zeros_like(grads[0])
+    out = []
+    for g in grads:
+        v = beta2 * v + (1 - beta2) * g * g
+        step = torch.zeros_like(g)
+        for j, beta in enumerate(betas):
+            m[j] = beta * m[j] + g
+            step = step + c[j] * (1 - beta) * m[j] / (v.sqrt() + 1e-8)
+        out.append(step)
+    return out
+
+
+def test_normalized_momentum_by_hand_is_scale_free_and_bounded():
+    """With β₂ set, d_j = (1−β_j)·m_j/(√v+ε), v ← β₂·v + (1−β₂)·∇²: steps do not grow with ∇."""
+    betas, beta2, c = (0.5, 0.9, 0.99), 0.99, (-0.3, 0.2, -0.1)
+    rule = _rule(momentum_decays=betas, momentum_rms_decay=beta2)
+    assert rule.config.state_rows == 2 * 2 * 20 + 3 + 1
+    with torch.no_grad():
+        rule.output_weight.zero_()  # isolate the momentum term: update = Σ_j c_j·d_j
+        rule.momentum_bias.copy_(torch.tensor(c, dtype=F64))
+    torch.manual_seed(7)
+    base = [torch.randn(5, dtype=F64) * torch.rand(1, dtype=F64) for _ in range(30)]
+    for scale in (1e-5, 1.0, 1e6):
+        state = rule.init_state(5)
+        expected = _adam_like_reference([g * scale for g in base], betas, beta2, c)
+        for g, want in zip(base, expected):
+            update, state = rule(g * scale, state, Segments.single(5))
+            torch.testing.assert_close(update, want, rtol=1e-10, atol=1e-12)
+    # Scale-free: the same updates at gradient scales 1e-2 and 1e6 (up to ε = 1e-8 against √v).
+    small = _adam_like_reference([g * 1e-2 for g in base], betas, beta2, c)
+    large = _adam_like_reference([g * 1e6 for g in base], betas, beta2, c)
+    for a, b in zip(small, large):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-9)  # unnormalized: 1e8 apart
+    # Bounded: |d_j| ≤ (1−β_j)/√((1−β₂)(1−β_j²/β₂)) even for an adversarial sequence (huge, then tiny, same sign).
+    rule_one = _rule(momentum_decays=(0.9,), momentum_rms_decay=beta2)
+    with torch.no_grad():
+        rule_one.output_weight.zero_()
+        rule_one.momentum_bias.fill_(1.0)
+    state, worst = rule_one.init_state(1), 0.0
+    for g in [1e3] * 20 + [1e-3] * 200:
+        update, state = rule_one(torch.tensor([g], dtype=F64), state, Segments.single(1))
+        worst = max(worst, abs(update.item()))
+    bound = 0.1 / math.sqrt((1 - beta2) * (1 - 0.81 / beta2))
+    assert 0.5 * bound < worst <= bound
 
 
 def test_rule_state_of_the_wrong_shape_is_refused():

@@ -18,6 +18,13 @@ per-coordinate step size on each momentum direction (momentum inputs as in Wichr
 2021). With u = c = 0, the starting point, this is the plain rule; c_j alone is heavy-ball
 momentum, which the plain rule, seeing only log|∇| and sign ∇, can express only roughly.
 
+With ``momentum_rms_decay`` (β₂) set, the momentum directions are normalized per coordinate as
+in Adam: v ← β₂·v + (1−β₂)·∇² (one more state row) and the output uses
+d_j = (1−β_j)·m_j / (√v + ε) instead of m_j. Then |d_j| ≤ (1−β_j)/√((1−β₂)(1−β_j²/β₂)) for
+any gradient sequence (Cauchy–Schwarz; β_j² < β₂ is required), so every step is bounded and
+invariant to the scale of the gradients: a rule meta-trained on one loss scale cannot blow up
+on another the way unnormalized heavy ball does with too large a step size.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere.
@@ -38,6 +45,7 @@ from .preprocess import log_sign_preprocess
 __all__ = ["LSTMGACConfig", "LSTMGACCore", "LSTMGACRule", "Segments"]
 
 GAC_SCOPES = ("tensor", "group")
+RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,23 @@ class LSTMGACConfig:
     output_scale: float = 0.1  # the paper's MNIST value
     extra_inputs: int = 0  # inputs besides the 2 preprocessed features (NTM-BFGS's read)
     momentum_decays: tuple[float, ...] = ()  # β_j of the momentum sums (empty: the paper's rule)
+    momentum_rms_decay: float | None = None  # β₂: normalize the momentum directions by √v (None: raw sums)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
         for beta in self.momentum_decays:
             if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < 1:
                 raise ValueError(f"momentum_decays must lie in (0, 1), got {beta!r}")
+        beta2 = self.momentum_rms_decay
+        if beta2 is not None:
+            if not isinstance(beta2, (int, float)) or isinstance(beta2, bool) or not 0 < beta2 < 1:
+                raise ValueError(f"momentum_rms_decay must lie in (0, 1) or be None, got {beta2!r}")
+            if not self.momentum_decays:
+                raise ValueError("momentum_rms_decay needs momentum_decays (it normalizes the momentum sums)")
+            for beta in self.momentum_decays:
+                if beta * beta >= beta2:
+                    raise ValueError(f"momentum_rms_decay ({beta2}) must exceed the square of every momentum "
+                                     f"decay (β² = {beta * beta:.6g} for β = {beta}) to keep steps bounded")
         for name in ("hidden_size", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -86,9 +105,14 @@ class LSTMGACConfig:
         return 2 * self.num_layers * self.hidden_size
 
     @property
+    def rms_rows(self) -> int:
+        """Rows of the rule state holding the gradient second moment v: 1 if normalized, else 0."""
+        return int(self.momentum_rms_decay is not None)
+
+    @property
     def state_rows(self) -> int:
-        """Rows of the rule state per coordinate: LSTM h and c, then one per momentum sum."""
-        return self.lstm_rows + len(self.momentum_decays)
+        """Rows of the rule state per coordinate: LSTM h and c, one per momentum sum, then v if normalized."""
+        return self.lstm_rows + len(self.momentum_decays) + self.rms_rows
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LSTMGACConfig":
@@ -228,13 +252,13 @@ class LSTMGACRule(nn.Module):
         return torch.zeros(self.config.state_rows, num_coordinates, dtype=self.dtype,
                            device=device if device is not None else self.device)
 
-    def split_state(self, state: Tensor) -> tuple[Tensor, Tensor]:
-        """Views of a state (R, N): LSTM h and c (L, 2, H, N), and the momentum sums (M, N)."""
+    def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of a state (R, N): LSTM h and c (L, 2, H, N), the momentum sums (M, N) and v (0 or 1, N)."""
         cfg = self.config
         if state.dim() != 2 or state.shape[0] != cfg.state_rows:
             raise ValueError(f"rule state must have shape ({cfg.state_rows}, N), got {tuple(state.shape)}")
-        lstm, momentum = state.split((cfg.lstm_rows, len(cfg.momentum_decays)))
-        return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum
+        lstm, momentum, second_moment = state.split((cfg.lstm_rows, len(cfg.momentum_decays), cfg.rms_rows))
+        return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum, second_moment
 
     def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> Segments:
         """The GAC scopes for a param group whose tensors have ``sizes`` coordinates."""
@@ -249,7 +273,7 @@ class LSTMGACRule(nn.Module):
         ``extra`` (extra_inputs, N) feeds additional per-coordinate inputs (NTM-BFGS's read).
         """
         cfg = self.config
-        lstm_state, momentum = self.split_state(state)
+        lstm_state, momentum, second_moment = self.split_state(state)
         if cfg.momentum_decays:
             momentum = torch.addcmul(grad.unsqueeze(0), self._momentum_decays(momentum), momentum)  # m ← β·m + ∇
             signals = torch.cat((grad.unsqueeze(0), momentum))
@@ -263,6 +287,13 @@ class LSTMGACRule(nn.Module):
         new_state = new_lstm.view(cfg.lstm_rows, -1)
         if cfg.momentum_decays:
             step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, N)
-            update = update + (step_sizes * momentum).sum(0)
-            new_state = torch.cat((new_state, momentum))
+            directions = momentum
+            if cfg.momentum_rms_decay is not None:  # Adam-like: d_j = (1−β_j)·m_j / (√v + ε)
+                beta2 = cfg.momentum_rms_decay
+                second_moment = torch.addcmul(second_moment * beta2, grad.unsqueeze(0), grad.unsqueeze(0),
+                                              value=1 - beta2)  # v ← β₂·v + (1−β₂)·∇²
+                averages = momentum * (1 - self._momentum_decays(momentum))
+                directions = averages / (second_moment.sqrt() + RMS_EPSILON)
+            update = update + (step_sizes * directions).sum(0)
+            new_state = torch.cat((new_state, momentum, second_moment))
         return update, new_state
