@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -125,7 +126,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     evaluation = evaluate_dropin(rule, eval_family, list(range(args.eval_seeds)), config.horizon)
     evaluation["family"] = eval_task
     evaluation["family_kwargs"] = {k: v for k, v in eval_kwargs.items() if k != "root"}
-    command = "learned-optim " + " ".join(args.argv)
+    command = shlex.join(["learned-optim", *args.argv])  # copy-pasteable into a shell
     path = trainer.save_weights(args.out, {
         "task": {"family": config.task, "kwargs": {k: v for k, v in task_kwargs.items() if k != "root"}},
         "meta_training": {**config.to_dict(), **summary, "cpu_threads": torch.get_num_threads()},

@@ -4,6 +4,7 @@ held-out evaluation, and a rerun resumes from the checkpoint instead of starting
 from __future__ import annotations
 
 import json
+import shlex
 
 import torch
 
@@ -23,6 +24,7 @@ def test_meta_train_writes_weights_with_their_provenance(tmp_path, capsys):
     assert f"wrote {out}.json" in printed and "evaluation on quadratic, seeds 0..2 (never meta-trained on), 20 steps" in printed
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["command"].startswith("learned-optim meta-train --rule lstm-gac")
+    assert shlex.split(meta["command"]) == ["learned-optim", *ARGS, "--out", str(out)]  # shell-quoted
     assert meta["meta_training"]["episodes"] == 3 and meta["meta_training"]["tasks_per_step"] == 8
     assert meta["evaluation"]["seeds"] == "0..2" and meta["evaluation"]["median_final_loss"] > 0
     assert meta["task"] == {"family": "quadratic", "kwargs": {}}
