@@ -4,7 +4,7 @@
 Each step flattens the gradients of a param group into one vector, runs the rule on all
 coordinates at once (:class:`~learned_optim.rules.LSTMGACRule`, under ``no_grad``) and adds
 ``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's rule state (LSTM hidden
-and cell states, and momentum sums if the weights use them) lives in
+and cell states, and momentum sums and their second moment if the weights use them) lives in
 ``optimizer.state[p]["rule_state"]`` (float32, shape (rule.config.state_rows, numel)), so
 ``state_dict`` round-trips like any torch optimizer's.
 """
@@ -26,7 +26,7 @@ from ._base import PackageOptimizer, check_positive
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
 #: The shipped weights LSTMOptimizer loads when none are named.
-DEFAULT_WEIGHTS = "quadratic"
+DEFAULT_WEIGHTS = "mnist"
 
 _FRESH = object()
 
