@@ -6,6 +6,7 @@ module serves the drop-in optimizers (under ``no_grad``) and the meta-trainer (w
 """
 
 from .lstm_gac import LSTMGACConfig, LSTMGACCore, LSTMGACRule, Segments
+from .ntm_memory import DenseMemory, LimitedMemory, choose_memory
 from .preprocess import log_sign_preprocess
 from .weights import (
     WeightsError,
@@ -20,12 +21,15 @@ from .weights import (
 register_rule(LSTMGACRule.name, lambda config: LSTMGACRule(LSTMGACConfig.from_dict(config)))
 
 __all__ = [
+    "DenseMemory",
     "LSTMGACConfig",
     "LSTMGACCore",
     "LSTMGACRule",
+    "LimitedMemory",
     "Segments",
     "WeightsError",
     "available_weights",
+    "choose_memory",
     "load_rule",
     "log_sign_preprocess",
     "pretrained_dir",
