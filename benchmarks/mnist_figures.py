@@ -46,6 +46,23 @@ SETTINGS = {  # name: (family kwargs, steps)
     "steps-1000": ({}, 1000),
 }
 RELU_TOLERANCE = 1.10  # "no worse than 10% above tuned Adam"
+BASELINES = ("nag", "adam", "rmsprop", "sgd")
+
+
+def settings_table(results, learned: Sequence[str]) -> str:
+    """One row per setting, one column per optimizer: median (IQR), with the tuned lr of baselines."""
+    by = {(r.task, r.optimizer): r for r in results}
+    columns = [*learned, *BASELINES]
+    lines = ["| setting | " + " | ".join(c if c in learned else f"tuned {c}" for c in columns) + " |",
+             "| --- |" + " ---: |" * len(columns)]
+    for setting in dict.fromkeys(r.task for r in results):
+        cells = []
+        for c in columns:
+            r = by[(setting, c)]
+            cell = f"{r.quantile(0.5):.3g} ({r.quantile(0.25):.3g}–{r.quantile(0.75):.3g})"
+            cells.append(cell if c in learned else f"{cell} lr {r.lr:.3g}")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def verdicts(results, learned: str) -> list[str]:
@@ -121,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python", f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])])
     lines = [f"Command: `{command}` ({seconds:.0f} s, torch {torch.__version__}); {args.seeds} seeds, "
              "2,000 held-out MNIST images; final loss = mean of the last 10 minibatch losses.", "",
-             format_table(results), ""]
+             "Median (IQR) per setting:", "", settings_table(results, learned), "",
+             "Ranked per setting:", "", format_table(results), ""]
     if set(SETTINGS) <= set(chosen):
         for name in learned:
             others = [r for r in results if r.optimizer == name or r.optimizer not in learned]

@@ -230,13 +230,14 @@ class LSTMGACRule(nn.Module):
         if num_momenta:  # u_j, c_j: step sizes on the momentum sums, zero at the start
             self.momentum_weight = nn.Parameter(torch.zeros(cfg.hidden_size, num_momenta))
             self.momentum_bias = nn.Parameter(torch.zeros(num_momenta))
-        self._decays: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # β as (M, 1), per dtype/device
+        self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
 
-    def _momentum_decays(self, like: Tensor) -> Tensor:
-        """β_j as an (M, 1) tensor in ``like``'s dtype and device (made exactly from the config's floats)."""
+    def _momentum_decays(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """β_j and 1−β_j as (M, 1) tensors in ``like``'s dtype and device, made once (exactly from the config's floats)."""
         key = (like.dtype, like.device)
         if key not in self._decays:
-            self._decays[key] = torch.tensor(self.config.momentum_decays, dtype=like.dtype, device=like.device).unsqueeze(1)
+            beta = torch.tensor(self.config.momentum_decays, dtype=like.dtype, device=like.device).unsqueeze(1)
+            self._decays[key] = (beta, 1 - beta)
         return self._decays[key]
 
     @property
@@ -275,7 +276,7 @@ class LSTMGACRule(nn.Module):
         cfg = self.config
         lstm_state, momentum, second_moment = self.split_state(state)
         if cfg.momentum_decays:
-            momentum = torch.addcmul(grad.unsqueeze(0), self._momentum_decays(momentum), momentum)  # m ← β·m + ∇
+            momentum = torch.addcmul(grad.unsqueeze(0), self._momentum_decays(momentum)[0], momentum)  # m ← β·m + ∇
             signals = torch.cat((grad.unsqueeze(0), momentum))
         else:
             signals = grad.unsqueeze(0)
@@ -292,7 +293,7 @@ class LSTMGACRule(nn.Module):
                 beta2 = cfg.momentum_rms_decay
                 second_moment = torch.addcmul(second_moment * beta2, grad.unsqueeze(0), grad.unsqueeze(0),
                                               value=1 - beta2)  # v ← β₂·v + (1−β₂)·∇²
-                averages = momentum * (1 - self._momentum_decays(momentum))
+                averages = momentum * self._momentum_decays(momentum)[1]
                 directions = averages / (second_moment.sqrt() + RMS_EPSILON)
             update = update + (step_sizes * directions).sum(0)
             new_state = torch.cat((new_state, momentum, second_moment))
