@@ -11,9 +11,10 @@ from .optim import (
     ConjugateAdam,
     ConjugateMomentumSGD,
     LSTMOptimizer,
+    NTMBFGS,
     per_example_gradients,
 )
-from .rules import LSTMGACConfig, LSTMGACRule, available_weights
+from .rules import LSTMGACConfig, LSTMGACRule, NTMBFGSConfig, NTMBFGSRule, available_weights
 from .registry import OptimizerInfo, available, create, info, register
 
 __version__ = "0.1.0"
@@ -26,6 +27,9 @@ __all__ = [
     "LSTMGACConfig",
     "LSTMGACRule",
     "LSTMOptimizer",
+    "NTMBFGS",
+    "NTMBFGSConfig",
+    "NTMBFGSRule",
     "OptimizerInfo",
     "available",
     "available_weights",

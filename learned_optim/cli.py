@@ -100,6 +100,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
         task_kwargs["root"] = args.data
     config = MetaTrainConfig(
         rule=args.rule, rule_config=json.loads(args.rule_config) if args.rule_config else {},
+        init_weights=args.init_weights,
         task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, truncation=args.truncation,
         tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
         meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta = sub.add_parser("meta-train", help="meta-train a learned update rule and write its weights")
     p_meta.add_argument("--rule", default="lstm-gac", help="update rule to train")
     p_meta.add_argument("--rule-config", default=None, help="JSON of rule config overrides")
+    p_meta.add_argument("--init-weights", default=None,
+                        help="start from these weights (for ntm-bfgs, LSTM+GAC weights start its controller)")
     p_meta.add_argument("--task", default="quadratic", help="task family to meta-train on")
     p_meta.add_argument("--task-kwargs", default=None, help="JSON of task family arguments")
     p_meta.add_argument("--data", default=None, help="data directory (for MNIST families)")

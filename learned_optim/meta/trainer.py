@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..rules import rule_from_config, save_rule
+from ..rules import load_rule, rule_from_config, save_rule
 from ..rules.weights import _RULES
 from ..tasks import TaskFamily, get_family
 from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, meta_loss
@@ -66,6 +66,7 @@ class MetaTrainConfig:
 
     rule: str = "lstm-gac"
     rule_config: dict[str, Any] = field(default_factory=dict)
+    init_weights: str | None = None  # start φ from these weights (NTM-BFGS: its controller from LSTM+GAC ones)
     task: str = "quadratic"
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     horizon: int = 100  # T
@@ -116,7 +117,7 @@ class MetaTrainConfig:
 
     def training(self) -> dict[str, Any]:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
-        keep = ("rule", "rule_config", "task", "task_kwargs", "horizon", "truncation", "tasks_per_step",
+        keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "truncation", "tasks_per_step",
                 "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "loss_transform", "select_by", "validate_every",
                 "validation_tasks", "explode_ratio", "seed")
         return {k: getattr(self, k) for k in keep}
@@ -151,7 +152,10 @@ class MetaTrainer:
         self.device = resolve_device(config.device)
         self.family = get_family(config.task, **config.task_kwargs)
         torch.manual_seed(config.seed)
-        self.rule = rule_from_config(config.rule, config.rule_config).to(self.device)
+        self.rule = rule_from_config(config.rule, config.rule_config)
+        if config.init_weights is not None:
+            self._warm_start(config.init_weights)
+        self.rule = self.rule.to(self.device)
         self.best_rule = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         self.optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         self.estimator = TruncatedBPTT(config.loss_transform)
@@ -161,6 +165,16 @@ class MetaTrainer:
         self.skipped = 0
         self.validated_at = -1  # the episode of the last validation
         self.validation_seeds = [VALIDATION_SEED_BASE + k for k in range(config.validation_tasks)]
+
+    def _warm_start(self, weights: str) -> None:
+        """φ from ``weights``: the same rule's weights, or LSTM+GAC ones for NTM-BFGS's controller."""
+        start, _ = load_rule(weights)
+        if start.name == self.rule.name:
+            self.rule.load_state_dict(start.state_dict())
+        elif hasattr(self.rule, "load_controller") and start.name == "lstm-gac":
+            self.rule.load_controller(start)
+        else:
+            raise ValueError(f"cannot start a {self.rule.name!r} rule from {start.name!r} weights ({weights})")
 
     # ------------------------------------------------------------------ checkpoints and log
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..rules import Segments
 from ..tasks import TaskStack
 
-__all__ = ["UnrollState", "Unroll", "stack_segments", "GRADIENT_MODES"]
+__all__ = ["UnrollState", "Unroll", "stack_segments", "detach_state", "GRADIENT_MODES"]
 
 GRADIENT_MODES = ("first-order", "second-order")
 
@@ -47,12 +47,19 @@ def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Se
     return Segments.from_ids(torch.cat(ids), count if scope == "tensor" else k)
 
 
+def detach_state(state: Tensor | tuple) -> Tensor | tuple:
+    """A rule state (a tensor or a tuple of them) cut from its graph."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    return tuple(detach_state(part) for part in state)
+
+
 @dataclass
 class UnrollState:
     """Where an unroll stands: θ_t, the rule state h_t, and f, ∇f at θ_t (all detached)."""
 
     params: list[Tensor]
-    rule_state: Tensor
+    rule_state: Tensor | tuple  # per rule: a tensor, or a tuple (NTM-BFGS: coordinates, memories)
     grad: Tensor
     losses: Tensor  # (K,) f(θ_t)
     stream: Any
@@ -68,7 +75,8 @@ class Unroll:
         self.rule, self.stack, self.gradient = rule, stack, gradient
         params = stack.initial_params
         self.sizes = [p.numel() for p in params]
-        self.segments = stack_segments(rule.config.gac_scope, stack, params)
+        self.segments = rule.segments_from(stack_segments("tensor", stack, params),
+                                           stack_segments("group", stack, params))  # groups = tasks
 
     def _loss_and_grad(self, params: list[Tensor], stream: Any, create_graph: bool,
                        keep_graph: bool) -> tuple[Tensor, Tensor]:
@@ -85,8 +93,8 @@ class Unroll:
         stream = self.stack.new_stream()
         losses, grad = self._loss_and_grad(params, stream, create_graph=False, keep_graph=False)
         losses = losses.detach()
-        state = self.rule.init_state(grad.numel(), device=grad.device)
-        return UnrollState([p.detach() for p in params], state, grad.to(state.dtype), losses, stream, losses)
+        state = self.rule.init_state(grad.numel(), device=grad.device, segments=self.segments)
+        return UnrollState([p.detach() for p in params], state, grad.to(self.rule.dtype), losses, stream, losses)
 
     def run(self, state: UnrollState, steps: int, track: bool = True) -> tuple[Tensor, UnrollState]:
         """Advance ``steps`` steps; the (steps, K) losses f(θ_{t+1..t+steps}) and the new state.
@@ -96,7 +104,7 @@ class Unroll:
         """
         second_order = track and self.gradient == "second-order"
         params = [p.detach().requires_grad_(True) for p in state.params]
-        rule_state, grad = state.rule_state.detach(), state.grad.detach()
+        rule_state, grad = detach_state(state.rule_state), state.grad.detach()
         history = []
         with torch.set_grad_enabled(track):
             for _ in range(steps):
@@ -105,14 +113,14 @@ class Unroll:
                 params = [p + u.view_as(p).to(p.dtype) for p, u in zip(params, pieces)]
                 if not track:
                     params = [p.detach().requires_grad_(True) for p in params]
-                    rule_state = rule_state.detach()
+                    rule_state = detach_state(rule_state)
                 losses, grad = self._loss_and_grad(params, state.stream, create_graph=second_order, keep_graph=track)
-                grad = grad.to(rule_state.dtype)
+                grad = grad.to(self.rule.dtype)
                 if not second_order:
                     grad = grad.detach()
                 history.append(losses if track else losses.detach())
         new_state = UnrollState(
-            [p.detach() for p in params], rule_state.detach(), grad.detach(),
+            [p.detach() for p in params], detach_state(rule_state), grad.detach(),
             history[-1].detach() if history else state.losses, state.stream, state.initial_losses,
         )
         return torch.stack(history) if history else state.losses.new_zeros(0, state.losses.numel()), new_state

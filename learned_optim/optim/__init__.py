@@ -2,6 +2,7 @@
 
 from .adaptive_batch import AdaptiveBatchSampler, AdaptiveBatchSGD, adaptive_batch_sgd
 from .lstm import DEFAULT_WEIGHTS, LSTMOptimizer
+from .ntm import NTM_DEFAULT_WEIGHTS, NTMBFGS
 from .conjugate import (
     ConjugateAdam,
     ConjugateMomentumSGD,
@@ -18,6 +19,8 @@ __all__ = [
     "ConjugateMomentumSGD",
     "DEFAULT_WEIGHTS",
     "LSTMOptimizer",
+    "NTMBFGS",
+    "NTM_DEFAULT_WEIGHTS",
     "adaptive_batch_sgd",
     "conjugate_adam",
     "conjugate_momentum_hyperparameters",

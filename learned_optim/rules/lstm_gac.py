@@ -248,8 +248,12 @@ class LSTMGACRule(nn.Module):
     def device(self) -> torch.device:
         return self.output_weight.device
 
-    def init_state(self, num_coordinates: int, device: torch.device | str | None = None) -> Tensor:
-        """The zero state (R, N) for N = ``num_coordinates``: R = ``config.state_rows`` rows per coordinate."""
+    def init_state(self, num_coordinates: int, device: torch.device | str | None = None,
+                   segments: Segments | None = None) -> Tensor:
+        """The zero state (R, N) for N = ``num_coordinates``: R = ``config.state_rows`` rows per coordinate.
+
+        ``segments`` is accepted for a uniform rule interface (rules with group state need it).
+        """
         return torch.zeros(self.config.state_rows, num_coordinates, dtype=self.dtype,
                            device=device if device is not None else self.device)
 
@@ -267,13 +271,28 @@ class LSTMGACRule(nn.Module):
             return Segments.single(int(sum(sizes)))
         return Segments.from_sizes(sizes, device)
 
+    def segments_from(self, tensor_scopes: Segments, group_scopes: Segments) -> Segments:
+        """The GAC scopes given both partitions of the coordinates: per tensor and per group
+        (a param group, or a task in the meta-trainer); picks by ``config.gac_scope``."""
+        return group_scopes if self.config.gac_scope == "group" else tensor_scopes
+
     def forward(self, grad: Tensor, state: Tensor, segments: Segments,
                 extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """g_t and the new state from flat gradients (N,) and states (R, N).
 
         ``extra`` (extra_inputs, N) feeds additional per-coordinate inputs (NTM-BFGS's read).
         """
+        update, new_state, _ = self.step(grad, state, segments, extra)
+        return update, new_state
+
+    def step(self, grad: Tensor, state: Tensor, segments: Segments,
+             extra: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` that also returns the top LSTM layer's output (H, N), for rules that
+        use this one as a controller (NTM-BFGS drives its memory heads from it)."""
         cfg = self.config
+        if (extra.shape[0] if extra is not None else 0) != cfg.extra_inputs:
+            raise ValueError(f"the rule expects {cfg.extra_inputs} extra input rows, got "
+                             f"{0 if extra is None else extra.shape[0]}")
         lstm_state, momentum, second_moment = self.split_state(state)
         if cfg.momentum_decays:
             momentum = torch.addcmul(grad.unsqueeze(0), self._momentum_decays(momentum)[0], momentum)  # m ← β·m + ∇
@@ -297,4 +316,4 @@ class LSTMGACRule(nn.Module):
                 directions = averages / (second_moment.sqrt() + RMS_EPSILON)
             update = update + (step_sizes * directions).sum(0)
             new_state = torch.cat((new_state, momentum, second_moment))
-        return update, new_state
+        return update, new_state, top

@@ -13,6 +13,12 @@ and the meta-trainer never care which one runs:
 Both are pure functions of tensors (no in-place updates), so gradients flow through reads and
 writes when the meta-trainer keeps the graph. With the head outputs a BFGS step would write,
 the dense form reproduces BFGS and the limited form L-BFGS (``tests/test_ntm_memory.py``).
+
+Every state may carry leading batch dimensions, one memory per *group* (G memories of n
+coordinates: a param group in the optimizer, a task in the meta-trainer); heads then carry
+the same leading dimensions. :class:`MemoryGroups` moves flat per-coordinate vectors (k, N)
+into that (G, k, n) layout and back, and takes the per-group inner products (global dot
+products) the heads need.
 """
 
 from __future__ import annotations
@@ -22,15 +28,20 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DenseMemory", "LimitedMemory", "choose_memory", "DENSE_MAX_COORDINATES"]
+__all__ = ["DenseMemory", "LimitedMemory", "MemoryGroups", "choose_memory", "DENSE_MAX_COORDINATES"]
 
 #: Up to this many coordinates "auto" picks the dense form (4 MB of float32 memory at 1,024).
 DENSE_MAX_COORDINATES = 1024
 
 
-def _check_heads(name: str, heads: Tensor, state_n: int) -> None:
-    if heads.dim() != 2 or heads.shape[1] != state_n:
-        raise ValueError(f"{name} must have shape (heads, {state_n}), got {tuple(heads.shape)}")
+def _check_heads(name: str, heads: Tensor, batch: tuple[int, ...], state_n: int) -> None:
+    if tuple(heads.shape[:-2]) != batch or heads.dim() != len(batch) + 2 or heads.shape[-1] != state_n:
+        lead = "".join(f"{b}, " for b in batch)
+        raise ValueError(f"{name} must have shape ({lead}heads, {state_n}), got {tuple(heads.shape)}")
+
+
+def _batched(shape: tuple[int, ...], groups: int | None) -> tuple[int, ...]:
+    return shape if groups is None else (groups, *shape)
 
 
 class DenseMemory:
@@ -44,20 +55,27 @@ class DenseMemory:
         self.initial_scale = float(initial_scale)
 
     def init_state(self, num_coordinates: int, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None) -> Tensor:
-        """M₀ = γ·I, shape (n, n)."""
-        return torch.eye(num_coordinates, dtype=dtype, device=device) * self.initial_scale
+                   device: torch.device | str | None = None, groups: int | None = None) -> Tensor:
+        """M₀ = γ·I, shape (n, n), or (G, n, n) for ``groups`` G."""
+        eye = torch.eye(num_coordinates, dtype=dtype, device=device) * self.initial_scale
+        return eye if groups is None else eye.expand(groups, -1, -1).clone()
+
+    def check_state(self, state: Tensor, num_coordinates: int, groups: int | None = None) -> None:
+        expected = _batched((num_coordinates, num_coordinates), groups)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"dense memory state must have shape {expected}, got {tuple(state.shape)}")
 
     def read(self, state: Tensor, keys: Tensor) -> Tensor:
-        """i = M·r for each read head: keys (R, n) → reads (R, n)."""
-        _check_heads("read keys", keys, state.shape[0])
-        return keys @ state.T
+        """i = M·r for each read head: keys (…, R, n) → reads (…, R, n)."""
+        _check_heads("read keys", keys, tuple(state.shape[:-2]), state.shape[-1])
+        return keys @ state.mT
 
     def write(self, state: Tensor, left: Tensor, right: Tensor) -> Tensor:
-        """M + Σ_w a_w·b_wᵀ for write heads a = ``left`` (W, n), b = ``right`` (W, n)."""
-        _check_heads("write left vectors", left, state.shape[0])
-        _check_heads("write right vectors", right, state.shape[0])
-        return state + left.T @ right
+        """M + Σ_w a_w·b_wᵀ for write heads a = ``left`` (…, W, n), b = ``right`` (…, W, n)."""
+        batch = tuple(state.shape[:-2])
+        _check_heads("write left vectors", left, batch, state.shape[-1])
+        _check_heads("write right vectors", right, batch, state.shape[-1])
+        return state + left.mT @ right
 
     @staticmethod
     def state_bytes(num_coordinates: int, bytes_per_float: int = 4) -> int:
@@ -67,7 +85,7 @@ class DenseMemory:
 class LimitedMemory:
     """The K most recent write pairs (a_k, b_k) and M₀ = γ·I: M·r = γ·r + Σ_k a_k·(b_kᵀ·r).
 
-    State (2, K, n): row 0 the left vectors a_k, row 1 the right vectors b_k, oldest first.
+    State (…, 2, K, n): row 0 the left vectors a_k, row 1 the right vectors b_k, oldest first.
     Empty slots are zero pairs, which add nothing; a write of W pairs drops the W oldest.
     """
 
@@ -81,25 +99,34 @@ class LimitedMemory:
         self.capacity, self.initial_scale = capacity, float(initial_scale)
 
     def init_state(self, num_coordinates: int, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None) -> Tensor:
-        """K empty slots: zeros of shape (2, K, n)."""
-        return torch.zeros(2, self.capacity, num_coordinates, dtype=dtype, device=device)
+                   device: torch.device | str | None = None, groups: int | None = None) -> Tensor:
+        """K empty slots: zeros of shape (2, K, n), or (G, 2, K, n) for ``groups`` G."""
+        return torch.zeros(_batched((2, self.capacity, num_coordinates), groups), dtype=dtype, device=device)
+
+    def check_state(self, state: Tensor, num_coordinates: int, groups: int | None = None) -> None:
+        expected = _batched((2, self.capacity, num_coordinates), groups)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"limited memory state (K = {self.capacity}) must have shape {expected}, "
+                             f"got {tuple(state.shape)}")
 
     def read(self, state: Tensor, keys: Tensor) -> Tensor:
-        """i = γ·r + Σ_k a_k·(b_kᵀ·r) for each read head: keys (R, n) → reads (R, n), O(K·n)."""
-        _check_heads("read keys", keys, state.shape[2])
-        left, right = state.unbind(0)
-        return keys * self.initial_scale + (keys @ right.T) @ left
+        """i = γ·r + Σ_k a_k·(b_kᵀ·r) for each read head: keys (…, R, n) → reads (…, R, n), O(K·n)."""
+        _check_heads("read keys", keys, tuple(state.shape[:-3]), state.shape[-1])
+        left, right = state.unbind(-3)
+        return keys * self.initial_scale + (keys @ right.mT) @ left
 
     def write(self, state: Tensor, left: Tensor, right: Tensor) -> Tensor:
         """Append the W pairs (a_w, b_w), keeping the K most recent."""
-        _check_heads("write left vectors", left, state.shape[2])
-        _check_heads("write right vectors", right, state.shape[2])
-        if left.shape[0] != right.shape[0]:
-            raise ValueError(f"write heads need as many left as right vectors, got {left.shape[0]} and {right.shape[0]}")
-        if left.shape[0] > self.capacity:
-            raise ValueError(f"{left.shape[0]} write pairs exceed the memory's capacity K = {self.capacity}")
-        return torch.cat((state, torch.stack((left, right))), dim=1)[:, -self.capacity:]
+        batch = tuple(state.shape[:-3])
+        _check_heads("write left vectors", left, batch, state.shape[-1])
+        _check_heads("write right vectors", right, batch, state.shape[-1])
+        if left.shape[-2] != right.shape[-2]:
+            raise ValueError(f"write heads need as many left as right vectors, got {left.shape[-2]} and {right.shape[-2]}")
+        if left.shape[-2] > self.capacity:
+            raise ValueError(f"{left.shape[-2]} write pairs exceed the memory's capacity K = {self.capacity}")
+        # contiguous: a strided view would be multiplied by another BLAS path than the same state
+        # reloaded from a state_dict, and resumed runs would differ in the last bits
+        return torch.cat((state, torch.stack((left, right), dim=-3)), dim=-2)[..., -self.capacity:, :].contiguous()
 
     def state_bytes(self, num_coordinates: int, bytes_per_float: int = 4) -> int:
         return 2 * self.capacity * num_coordinates * bytes_per_float
@@ -116,3 +143,62 @@ def choose_memory(num_coordinates: int, form: str = "auto", capacity: int = 30,
     if form == "limited":
         return LimitedMemory(capacity, initial_scale)
     raise ValueError(f"memory form must be 'auto', 'dense' or 'limited', got {form!r}")
+
+
+class MemoryGroups:
+    """Which of N flat coordinates share a memory: G groups, each laid out in n = (largest
+    group's size) slots, smaller groups zero-padded (padding slots get zero keys and writes,
+    so they never touch the other coordinates).
+
+    Built from per-coordinate group ids (``None``: one group of all N coordinates, no copy).
+    """
+
+    def __init__(self, ids: Tensor | None, count: int, size: int) -> None:
+        self.count, self.size = count, size
+        self.ids = ids
+        if ids is None:
+            self.width = size
+            return
+        counts = torch.bincount(ids, minlength=count)
+        self.width = int(counts.max()) if size else 0
+        order = torch.argsort(ids, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_ids = ids[order]
+        position = torch.arange(size, device=ids.device) - starts[sorted_ids]
+        self._order = order  # coordinates sorted by group
+        self._slots = sorted_ids * self.width + position  # their slots in the (G·n) layout
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(k, N) flat vectors → (G, k, n) per-group layout."""
+        if self.ids is None:
+            return x.unsqueeze(0)
+        k = x.shape[0]
+        padded = x.new_zeros(k, self.count * self.width).index_copy(1, self._slots, x.index_select(1, self._order))
+        return padded.view(k, self.count, self.width).transpose(0, 1)
+
+    def scatter(self, y: Tensor) -> Tensor:
+        """(G, k, n) per-group layout → (k, N) flat vectors (padding dropped)."""
+        if self.ids is None:
+            return y.squeeze(0)
+        k = y.shape[1]
+        values = y.transpose(0, 1).reshape(k, self.count * self.width).index_select(1, self._slots)
+        return values.new_zeros(k, self.size).index_copy(1, self._order, values)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """(k, N) → (k, N): each coordinate's column replaced by the sum over its group."""
+        if self.ids is None:
+            return x.sum(dim=1, keepdim=True).expand_as(x)
+        sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
+        return sums.index_select(1, self.ids)
+
+    def mean(self, x: Tensor) -> Tensor:
+        """(k, N) → (k, N): each coordinate's column replaced by the mean over its group."""
+        if self.ids is None:
+            return x.mean(dim=1, keepdim=True).expand_as(x)
+        counts = torch.bincount(self.ids, minlength=self.count).clamp_min(1).to(x.dtype)
+        sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
+        return (sums / counts).index_select(1, self.ids)
+
+    def dot(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-group inner products xᵀy of flat (N,) vectors, broadcast to every coordinate (N,)."""
+        return self.sum((x * y).unsqueeze(0)).squeeze(0)

@@ -3,10 +3,17 @@
 from .base import Task, TaskFamily, TaskStack, families, get_family, register_family
 from .data import ClassificationData, download_mnist, load_mnist, synthetic_classification
 from .mlp import MixedMLPFamily, MLPFamily, mlp_forward
-from .synthetic import NoisyLeastSquaresFamily, NoisyQuadraticFamily, QuadraticFamily, RosenbrockFamily
+from .synthetic import (
+    IllConditionedQuadraticFamily,
+    NoisyLeastSquaresFamily,
+    NoisyQuadraticFamily,
+    QuadraticFamily,
+    RosenbrockFamily,
+)
 
 __all__ = [
     "ClassificationData",
+    "IllConditionedQuadraticFamily",
     "MLPFamily",
     "MixedMLPFamily",
     "NoisyLeastSquaresFamily",

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .base import Task, TaskFamily, TaskStack, register_family
 
-__all__ = ["QuadraticFamily", "RosenbrockFamily", "NoisyQuadraticFamily", "NoisyLeastSquaresFamily"]
+__all__ = ["IllConditionedQuadraticFamily", "QuadraticFamily", "RosenbrockFamily", "NoisyQuadraticFamily", "NoisyLeastSquaresFamily"]
 
 
 @register_family("quadratic")
@@ -44,6 +44,36 @@ class QuadraticFamily(TaskFamily):
             return (torch.bmm(w, params[0].unsqueeze(2)).squeeze(2) - y).square().sum(1)
 
         return TaskStack([theta0], losses, [None], len(tasks))
+
+
+@register_family("ill-conditioned-quadratic")
+class IllConditionedQuadraticFamily(QuadraticFamily):
+    """f(θ) = ‖Wθ − y‖² with W = U·diag(σ)·Vᵀ, U and V random orthogonal and σ log-spaced
+    from 1 down to 1/√κ, so the Hessian 2WᵀW has condition number exactly κ (default 10⁴,
+    50-D); y and θ₀ standard Gaussian. First-order methods crawl along the flat directions."""
+
+    name = "ill-conditioned-quadratic"
+
+    def __init__(self, dim: int = 50, condition: float = 1e4, dtype: torch.dtype = torch.float32) -> None:
+        if not (isinstance(condition, (int, float)) and math.isfinite(condition) and condition >= 1):
+            raise ValueError(f"condition must be a finite number ≥ 1, got {condition!r}")
+        super().__init__(dim, dtype)
+        self.condition = float(condition)
+
+    def sample(self, seed: int) -> Task:
+        g = torch.Generator().manual_seed(seed)
+        u, _ = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=g, dtype=torch.float64))
+        sigma = torch.logspace(0, -0.5 * math.log10(self.condition), self.dim, dtype=torch.float64)
+        w = (u * sigma) @ v.T
+        y = torch.randn(self.dim, generator=g, dtype=torch.float64)
+        theta0 = torch.randn(self.dim, generator=g, dtype=torch.float64)
+        w, y, theta0 = w.to(self.dtype), y.to(self.dtype), theta0.to(self.dtype)
+
+        def loss(params, batch=None):
+            return (w @ params[0] - y).square().sum()
+
+        return Task([theta0], loss, seed=seed, info={"W": w, "y": y})
 
 
 @register_family("rosenbrock")

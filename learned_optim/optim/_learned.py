@@ -1,0 +1,104 @@
+"""What the learned optimizers share: loading a rule (shipped name, path, module or fresh),
+its fingerprint in ``state_dict`` (a state is only loaded by an optimizer with the same φ),
+copies of the rule per device, and pickling the rule along with the optimizer."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..rules import load_rule
+from ._base import PackageOptimizer
+
+__all__ = ["LearnedRuleOptimizer", "rule_fingerprint"]
+
+
+def rule_fingerprint(rule: nn.Module) -> str:
+    """sha256 of a rule's tensors (name, shape, float32 bytes): which φ an optimizer state belongs to."""
+    digest = hashlib.sha256()
+    for key, value in sorted(rule.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def copy_rule(rule: nn.Module) -> nn.Module:
+    """An independent copy of a rule, cut from any graph."""
+    fresh = copy.deepcopy(rule)
+    fresh.requires_grad_(False)
+    return fresh
+
+
+class LearnedRuleOptimizer(PackageOptimizer):
+    """Base of the optimizers that run a learned rule under ``no_grad``.
+
+    ``rule_state_keys`` name the state entries that belong to the rule (kept in the rule's
+    float32, whatever the param's dtype).
+    """
+
+    rule_class: type[nn.Module]
+    rule_state_keys: tuple[str, ...] = ("rule_state",)
+
+    def _load(self, weights: str | os.PathLike | nn.Module | None, seed: int,
+              fresh: Callable[[int], nn.Module]) -> None:
+        if weights is None:
+            rule, meta = fresh(seed), {"name": None}
+        elif isinstance(weights, self.rule_class):
+            rule, meta = copy_rule(weights), {"name": None}
+        elif isinstance(weights, nn.Module):
+            raise TypeError(f"{type(self).__name__} needs an {self.rule_class.__name__}, got a {type(weights).__name__}")
+        else:
+            rule, meta = load_rule(weights, expected_rule=self.rule_class.name)
+        rule.requires_grad_(False).eval()
+        self.rule = rule.to(torch.float32)
+        self.weights_metadata: dict[str, Any] = meta
+        self._fingerprint = rule_fingerprint(self.rule)
+        self._rules_on: dict[torch.device, nn.Module] = {}
+        self._segments: dict[tuple, Any] = {}  # layouts per (device, tensor sizes): built once
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
+        state = super().__getstate__()
+        state.update(rule=self.rule, weights_metadata=self.weights_metadata,
+                     _fingerprint=self._fingerprint, _rules_on={}, _segments={})
+        return state
+
+    def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
+        return self.rule.dtype if key in self.rule_state_keys else super()._state_dtype(param, key)
+
+    def _rule_on(self, device: torch.device) -> nn.Module:
+        if device == self.rule.device:
+            return self.rule
+        if device not in self._rules_on:
+            self._rules_on[device] = copy_rule(self.rule).to(device)
+        return self._rules_on[device]
+
+    def _layout(self, rule: nn.Module, device: torch.device, sizes: tuple[int, ...]) -> Any:
+        key = (device, sizes)
+        if key not in self._segments:
+            self._segments[key] = rule.segments(sizes, device)
+        return self._segments[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict`` plus the fingerprint of the rule the states belong to."""
+        out = super().state_dict()
+        out["rule"] = {"name": self.rule.name, "fingerprint": self._fingerprint}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by an optimizer with the same weights (checked)."""
+        saved = state_dict.get("rule")
+        if saved is not None and saved.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                f"this state_dict was saved by an {type(self).__name__} with other weights "
+                f"(rule fingerprint {str(saved.get('fingerprint'))[:12]}…, this optimizer's "
+                f"{self._fingerprint[:12]}…); its rule states would be meaningless here"
+            )
+        super().load_state_dict(state_dict)

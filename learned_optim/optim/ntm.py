@@ -1,0 +1,128 @@
+"""NTMBFGS: the learned NTM-BFGS rule (Andrychowicz et al. 2016, appendix) as a drop-in
+``torch.optim.Optimizer``.
+
+Each step flattens the gradients of a param group into one vector and runs the rule on all
+its coordinates at once (:class:`~learned_optim.rules.NTMBFGSRule`, under ``no_grad``):
+θ_{t+1} = θ_t + lr·g_t. One memory M is shared by all coordinates of a param group, so the
+group's params must live on one device. State, all in ``optimizer.state`` (so
+``state_dict`` round-trips):
+
+- ``state[p]["rule_state"]``: every coordinate's controller state and its previous key, step
+  and read (float32, (rule.config.state_rows, numel));
+- the group's memory, in the state of the group's first param that has a gradient:
+  ``"memory"`` (dense (1, n, n), or limited (1, 2, K, n)) and ``"memory_params"`` (a list of
+  the positions in the group of the params it covers). The memory spans exactly the params that
+  have gradients; when that set changes, it starts again from M₀.
+
+Memory cost per param group of n coordinates (float32): dense 4·n² bytes (4 MB at n = 1,000),
+limited 8·K·n bytes (K = 30: 240 bytes per parameter, against Adam's 8).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from ..rules import NTMBFGSRule
+from ._base import check_positive
+from ._learned import LearnedRuleOptimizer
+
+__all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
+
+#: The shipped weights NTMBFGS loads when none are named: the MNIST ones (limited memory), as
+#: for LSTMOptimizer. "ntm-bfgs-quadratic" is a specialist: far ahead on the paper's quadratics,
+#: it diverges on Rosenbrock and on small MLPs (the conformance suite's checks).
+NTM_DEFAULT_WEIGHTS = "ntm-bfgs-mnist"
+
+
+@register(
+    "ntm-bfgs",
+    summary="learned NTM-BFGS optimizer (Andrychowicz et al. 2016): LSTM+GAC controller, shared low-rank memory",
+    example_kwargs={"lr": 1.0},
+    lr_grid=(1.0,),
+)
+class NTMBFGS(LearnedRuleOptimizer):
+    """The learned quasi-Newton optimizer NTM-BFGS; one line replaces Adam::
+
+        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-mnist")
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer. Each param
+            group shares one memory, so its params must be on one device.
+        weights: shipped weights' name, a path to ``NAME.safetensors``/``NAME.json``, an
+            :class:`~learned_optim.rules.NTMBFGSRule` (copied), or ``None`` for a freshly
+            initialised rule (BFGS plus an untrained controller; seeded by ``seed``).
+        memory: ``"dense"``, ``"limited"`` or ``"auto"`` (dense up to 1,024 coordinates per
+            group); None keeps the weights' setting.
+        memory_capacity: K, the write pairs the limited memory keeps; None keeps the weights'.
+        lr: multiplies the learned update; 1 is what the weights were meta-trained with (the
+            rule's memory is built from its own steps, so other values change its meaning).
+        check_finite: refuse NaN/inf gradients (naming the parameter) before touching anything.
+        seed: initialisation seed when ``weights`` is None.
+    """
+
+    rule_class = NTMBFGSRule
+    rule: NTMBFGSRule
+    rule_state_keys = ("rule_state", "memory")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        weights: str | os.PathLike | NTMBFGSRule | None = NTM_DEFAULT_WEIGHTS,
+        *,
+        memory: str | None = None,
+        memory_capacity: int | None = None,
+        lr: float = 1.0,
+        check_finite: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self._load(weights, seed, lambda s: NTMBFGSRule(seed=s))
+        if memory is not None or memory_capacity is not None:
+            try:
+                self.rule = self.rule.with_memory(memory, memory_capacity)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"NTMBFGS: {error}") from None
+        super().__init__(params, dict(lr=lr, check_finite=check_finite))
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_positive(group["lr"], "lr")
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"NTMBFGS shares one memory per param group, so a group's params must be on one "
+                             f"device; this group has params on {', '.join(sorted(map(str, devices)))}")
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
+        state["rule_state"] = torch.zeros(self.rule.config.state_rows, param.numel(), dtype=self.rule.dtype,
+                                          device=param.device)
+
+    def _update_group(self, group, params, grads, states, originals) -> None:
+        device = params[0].device
+        rule = self._rule_on(device)
+        sizes = tuple(p.numel() for p in params)
+        layout = self._layout(rule, device, sizes)
+        positions = {id(p): i for i, p in enumerate(group["params"])}
+        covered = [positions[id(p)] for p in originals]
+        owner = states[0]
+        memory = owner.get("memory")
+        if memory is None or list(owner.get("memory_params", ())) != covered:
+            memory = None  # first step, or other params have gradients now: start from M₀
+        for p in group["params"]:  # one memory per group: drop any other (stale) copy
+            other = self.state.get(p)
+            if other is not None and other is not owner:
+                other.pop("memory", None)
+                other.pop("memory_params", None)
+        flat_grad = torch.cat([g.reshape(-1) for g in grads]).to(rule.dtype)
+        coords = torch.cat([s["rule_state"] for s in states], dim=-1)
+        if memory is None:
+            _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
+        update, (new_coords, new_memory) = rule(flat_grad, (coords, memory), layout)
+        updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
+        torch._foreach_add_(params, updates, alpha=group["lr"])
+        torch._foreach_copy_([s["rule_state"] for s in states], list(new_coords.split(sizes, dim=-1)))
+        owner["memory"] = new_memory
+        owner["memory_params"] = covered

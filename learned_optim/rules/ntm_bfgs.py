@@ -1,0 +1,335 @@
+"""The NTM-BFGS update rule of Andrychowicz et al. 2016 (appendix, "Information sharing
+between coordinates"): an LSTM+GAC controller driving read and write heads on a memory M
+shared by all coordinates of a group.
+
+BFGS is a set of coordinatewise processes that talk only through the inverse-Hessian
+estimate M and a few inner products; this rule keeps that structure and learns its form.
+Each step t, with gradient ∇_t:
+
+1. controller: the LSTM+GAC rule (:class:`~learned_optim.rules.LSTMGACRule`, reused, with
+   the previous read i_{t−1} as two extra preprocessed inputs) gives its own first-order
+   update u_t and its top-layer output h_t (per coordinate; the GAC units carry averages);
+2. read key: r_t = ∇_t (one read head, BFGS's key; a key modulated per coordinate by the
+   controller broke the secant relation y = r_t − r_{t−1} ≈ A·s and diverged within the first
+   meta-steps, so the key is fixed);
+3. pre-write read q = M_t·r_t; then the key change y = r_t − r_{t−1}, the last step
+   s = s_{t−1} and My = q − i_{t−1} (because i_{t−1} = M_t·r_{t−1});
+4. write heads w = 1…W: a_w = κ_w·(P_w·[s, My]), b_w = Q_w·[s, My], with the global BFGS
+   scalars ρ = 1/(yᵀs) and ρ²·yᵀMy (inner products over the group: the rule's only
+   communication besides the GACs) mixed by learned α_w and modulated by the controller:
+   κ_w = (α_w,1·ρ + α_w,2·ρ²·yᵀMy)·2σ(δ_w), δ_w the group average of a read-out of h_t;
+   M_{t+1} = M_t + Σ_w a_w·b_wᵀ;
+5. read i_t = M_{t+1}·r_t; the step is g_t = u_t − 2σ(η(h_t)) ⊙ i_t (η per coordinate).
+
+η and δ_w are a linear read-out of h_t, zero at initialization; P_w, Q_w and α_w start at
+BFGS's: W = 3 heads (c·s, s), (−ρ·s, My),
+(−ρ·My, s) with c = ρ + ρ²·yᵀMy, the inverse-Hessian update H⁺ = H + c·s·sᵀ − ρ·s·(Hy)ᵀ −
+ρ·(Hy)·sᵀ. So the rule starts as BFGS (unit step, M₀ = γ·I) plus the controller's learned
+first-order step, and meta-training learns the rest. Write modulations are global (per group),
+not per coordinate: per-coordinate ones make M lose BFGS's symmetric form, and the first
+meta-steps diverged. By default (``detach_memory``) the meta-gradient does not flow through
+the memory carried from step to step (as the paper's first-order mode drops ∂∇/∂φ): through
+it, the meta-gradient norm grew about 10³× per truncation of 20 steps. As in BFGS, no write is made unless
+yᵀs > ε·‖y‖·‖s‖ (curvature condition; always at t = 0, when s = 0). With ``backtrack``
+(default), a step that raised f, by the gradient estimate f(θ_t) − f(θ_{t−1}) ≈
+½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics), is followed by −s_{t−1}/2 instead: the line
+search the rule cannot do with function values. Without it, BFGS's unit steps diverged on
+some of the paper's quadratics in float32.
+
+The memory is dense (n × n) or limited (the K most recent write pairs), chosen by size
+(:mod:`~learned_optim.rules.ntm_memory`). Head outputs can be replaced by hand
+(:class:`BFGSHeads` is textbook BFGS; the tests drive L-BFGS through the same rule), which
+is how the memory algebra is proven against BFGS and L-BFGS.
+
+The rule is functional: ``rule(grad, (coords, memory), layout) -> (update, new_state)``,
+used under ``no_grad`` by :class:`~learned_optim.NTMBFGS` and with the graph by the
+meta-trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .lstm_gac import LSTMGACConfig, LSTMGACRule, Segments
+from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
+from .preprocess import log_sign_preprocess
+
+__all__ = ["NTMBFGSConfig", "NTMBFGSRule", "NTMLayout", "HeadInputs", "BFGSHeads", "LearnedHeads",
+           "bfgs_scalars"]
+
+MEMORY_FORMS = ("auto", "dense", "limited")
+_CARRIED = 4  # rows per coordinate after the controller's: previous gradient ∇, key r, step s, read i
+
+
+def _default_controller() -> LSTMGACConfig:
+    return LSTMGACConfig(extra_inputs=2)
+
+
+@dataclass(frozen=True)
+class NTMBFGSConfig:
+    """Architecture of the rule (saved with its weights). The controller is an LSTM+GAC
+    config whose two extra inputs are the preprocessed previous read."""
+
+    controller: LSTMGACConfig = field(default_factory=_default_controller)
+    write_heads: int = 3  # W; BFGS needs 3
+    memory: str = "auto"  # "dense", "limited", or "auto" (dense up to 1,024 coordinates per group)
+    memory_capacity: int = 30  # K write pairs kept by the limited form (10 steps of 3 heads)
+    initial_scale: float = 0.01  # γ: M₀ = γ·I (the first step is −γ·∇ plus the controller's)
+    curvature_eps: float = 1e-3  # ε of the skip rule: write only if yᵀs > ε·‖y‖·‖s‖ (bounds the learnable curvature)
+    backtrack: bool = True  # step back −s/2 when the last step raised f (estimated from gradients)
+    detach_memory: bool = True  # meta-gradients do not flow through the memory carried between steps
+
+    def __post_init__(self) -> None:
+        if isinstance(self.controller, dict):
+            object.__setattr__(self, "controller", LSTMGACConfig.from_dict(self.controller))
+        if self.controller.extra_inputs != 2:
+            raise ValueError(f"the controller's extra_inputs must be 2 (the preprocessed previous read), "
+                             f"got {self.controller.extra_inputs}")
+        if not isinstance(self.write_heads, int) or isinstance(self.write_heads, bool) or self.write_heads < 1:
+            raise ValueError(f"write_heads must be a positive integer, got {self.write_heads!r}")
+        if self.memory not in MEMORY_FORMS:
+            raise ValueError(f"memory must be one of {MEMORY_FORMS}, got {self.memory!r}")
+        if not isinstance(self.memory_capacity, int) or isinstance(self.memory_capacity, bool) \
+                or self.memory_capacity < self.write_heads:
+            raise ValueError(f"memory_capacity must be an integer ≥ write_heads ({self.write_heads}), "
+                             f"got {self.memory_capacity!r}")
+        for name in ("initial_scale", "curvature_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+
+    @property
+    def state_rows(self) -> int:
+        """Rows of the per-coordinate state: the controller's, then ∇_{t−1}, r_{t−1}, s_{t−1}, i_{t−1}."""
+        return self.controller.state_rows + _CARRIED
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["controller"] = self.controller.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NTMBFGSConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown NTMBFGSConfig fields: {sorted(unknown)}")
+        data = dict(data)
+        if "controller" in data:
+            controller = dict(data["controller"])
+            controller.setdefault("extra_inputs", 2)
+            data["controller"] = LSTMGACConfig.from_dict(controller)
+        return cls(**data)
+
+
+@dataclass
+class NTMLayout:
+    """Where a flat vector's coordinates go: GAC scopes, memory groups, and the memory form."""
+
+    gac: Segments
+    groups: MemoryGroups
+    memory: DenseMemory | LimitedMemory
+
+
+@dataclass
+class HeadInputs:
+    """What the heads see at a step: per-coordinate vectors (N,) and the group inner products."""
+
+    grad: Tensor  # ∇_t
+    top: Tensor  # h_t (H, N): the controller's top layer
+    prev_key: Tensor  # r_{t−1}
+    prev_step: Tensor  # s_{t−1}: the rule's previous output
+    prev_read: Tensor  # i_{t−1} = M_t·r_{t−1}
+    controller_update: Tensor  # u_t: the controller's own first-order step
+    groups: MemoryGroups  # .dot(x, y): xᵀy over each coordinate's group
+
+
+def bfgs_scalars(y: Tensor, s: Tensor, my: Tensor, groups: MemoryGroups, eps: float) -> tuple[Tensor, Tensor]:
+    """ρ = 1/(yᵀs) and ρ²·yᵀMy per coordinate's group, both 0 where the curvature condition
+    yᵀs > ε·‖y‖·‖s‖ fails (BFGS's skip rule; also at the first step, where s = 0)."""
+    ys, yy, ss, ymy = (groups.dot(a, b) for a, b in ((y, s), (y, y), (s, s), (y, my)))
+    with torch.no_grad():  # which groups write: a finite, curvature-satisfying pair
+        ok = (ys > eps * torch.sqrt(yy) * torch.sqrt(ss)) & (ys > 0)
+        ok &= torch.isfinite(1 / ys) & torch.isfinite(ymy / ys / ys) & torch.isfinite(ymy)
+    # Safe operands where no write is made, so neither the values nor their gradients turn NaN.
+    ys = torch.where(ok, ys, torch.ones_like(ys))
+    ymy = torch.where(ok, ymy, torch.zeros_like(ymy))
+    zero = torch.zeros_like(ys)
+    return torch.where(ok, 1 / ys, zero), torch.where(ok, ymy / ys / ys, zero)
+
+
+class BFGSHeads(nn.Module):
+    """Textbook BFGS as head outputs (no parameters): r = ∇, writes (c·s, s), (−ρ·s, Hy),
+    (−ρ·Hy, s), step −i = −H_t·∇_t. The controller's output is ignored."""
+
+    write_heads = 3
+
+    def __init__(self, curvature_eps: float = 1e-3) -> None:
+        super().__init__()
+        self.curvature_eps = curvature_eps
+
+    def key(self, ctx: HeadInputs) -> Tensor:
+        return ctx.grad
+
+    def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]:
+        s, hy = ctx.prev_step, pre_read - ctx.prev_read
+        rho, rho2_yhy = bfgs_scalars(key - ctx.prev_key, s, hy, ctx.groups, self.curvature_eps)
+        c = rho + rho2_yhy
+        return torch.stack((c * s, -rho * s, -rho * hy)), torch.stack((s, hy, s))
+
+    def output(self, ctx: HeadInputs, read: Tensor) -> Tensor:
+        return -read
+
+
+class LearnedHeads(nn.Module):
+    """The learned heads, initialized to BFGS's: a per-coordinate step multiplier 2σ(η(h_t))
+    on the read, and write heads whose vectors and coefficients are learned mixtures of BFGS's
+    (global per group, so M stays a sum of the same kind of terms as BFGS's)."""
+
+    def __init__(self, hidden_size: int, write_heads: int, curvature_eps: float) -> None:
+        super().__init__()
+        self.write_heads, self.curvature_eps = write_heads, curvature_eps
+        w = write_heads
+        self.readout = nn.Linear(hidden_size, 1 + w)  # η (per coordinate), δ_w (averaged over the group)
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+        left, right, alpha = torch.zeros(w, 2), torch.zeros(w, 2), torch.zeros(w, 2)
+        bfgs = [((1, 0), (1, 0), (1, 1)), ((1, 0), (0, 1), (-1, 0)), ((0, 1), (1, 0), (-1, 0))]
+        for head, (a, b, c) in enumerate(bfgs[:w]):
+            left[head], right[head], alpha[head] = torch.tensor(a), torch.tensor(b), torch.tensor(c)
+        self.left_basis = nn.Parameter(left)  # P_w: a_w ∝ P_w,1·s + P_w,2·My
+        self.right_basis = nn.Parameter(right)  # Q_w: b_w = Q_w,1·s + Q_w,2·My
+        self.write_coefficients = nn.Parameter(alpha)  # κ_w = α_w,1·ρ + α_w,2·ρ²·yᵀMy
+
+    def _outputs(self, ctx: HeadInputs) -> Tensor:
+        cache = getattr(ctx, "_readout", None)
+        if cache is None:
+            cache = torch.addmm(self.readout.bias.unsqueeze(1), self.readout.weight, ctx.top)  # (1 + W, N)
+            ctx._readout = cache  # type: ignore[attr-defined]
+        return cache
+
+    def key(self, ctx: HeadInputs) -> Tensor:
+        return ctx.grad  # BFGS's key; a learned one broke the secant pairs (see the module doc)
+
+    def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]:
+        s, my = ctx.prev_step, pre_read - ctx.prev_read
+        rho, rho2_ymy = bfgs_scalars(key - ctx.prev_key, s, my, ctx.groups, self.curvature_eps)
+        modulation = ctx.groups.mean(self._outputs(ctx)[1:])  # (W, N), one value per group
+        kappa = (self.write_coefficients @ torch.stack((rho, rho2_ymy))) * 2 * torch.sigmoid(modulation)
+        basis = torch.stack((s, my))  # (2, N)
+        return kappa * (self.left_basis @ basis), self.right_basis @ basis
+
+    def output(self, ctx: HeadInputs, read: Tensor) -> Tensor:
+        return ctx.controller_update - 2 * torch.sigmoid(self._outputs(ctx)[0]) * read
+
+
+class NTMBFGSRule(nn.Module):
+    """The learned NTM-BFGS rule: LSTM+GAC controller → heads → memory (see the module doc)."""
+
+    name = "ntm-bfgs"
+
+    def __init__(self, config: NTMBFGSConfig | None = None, seed: int = 0, heads: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config or NTMBFGSConfig()
+        cfg = self.config
+        self.controller = LSTMGACRule(cfg.controller, seed=seed)
+        self.heads = heads if heads is not None else LearnedHeads(cfg.controller.hidden_size, cfg.write_heads,
+                                                                  cfg.curvature_eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.controller.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.controller.device
+
+    def with_memory(self, form: str | None = None, capacity: int | None = None) -> "NTMBFGSRule":
+        """A copy of this rule (same φ) with another memory form or capacity K."""
+        changes = {k: v for k, v in (("memory", form), ("memory_capacity", capacity)) if v is not None}
+        fresh = copy.deepcopy(self)
+        fresh.config = replace(self.config, **changes)
+        return fresh
+
+    def load_controller(self, lstm: LSTMGACRule) -> None:
+        """Start the controller from trained LSTM+GAC weights (a warm start for meta-training).
+
+        The LSTM's config must equal the controller's but for the 2 extra inputs; their input
+        weights start at zero, so the controller then steps exactly as the LSTM rule does.
+        """
+        mine, theirs = self.config.controller, lstm.config
+        if replace(theirs, extra_inputs=mine.extra_inputs) != mine or theirs.extra_inputs != 0:
+            raise ValueError(f"LSTM+GAC config {theirs.to_dict()} does not fit this controller {mine.to_dict()} "
+                             "(all fields but extra_inputs must match)")
+        state = {k: v.detach().clone() for k, v in lstm.state_dict().items()}
+        first = state["core.weights.0"]
+        inputs = first.shape[0] - mine.hidden_size
+        state["core.weights.0"] = torch.cat((first[:inputs], first.new_zeros(mine.extra_inputs, first.shape[1]),
+                                             first[inputs:]))
+        self.controller.load_state_dict(state)
+
+    # ------------------------------------------------------------------ layout and state
+
+    def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> NTMLayout:
+        """The layout of one param group whose tensors have ``sizes`` coordinates (one memory)."""
+        total = int(sum(sizes))
+        return self.segments_from(Segments.from_sizes(sizes, device) if sizes else Segments.single(0),
+                                  Segments.single(total))
+
+    def segments_from(self, tensor_scopes: Segments, group_scopes: Segments) -> NTMLayout:
+        """The layout given the per-tensor and per-group partitions: one memory per group."""
+        groups = MemoryGroups(group_scopes.ids, group_scopes.count, group_scopes.size)
+        cfg = self.config
+        memory = choose_memory(groups.width, cfg.memory, cfg.memory_capacity, cfg.initial_scale)
+        return NTMLayout(self.controller.segments_from(tensor_scopes, group_scopes), groups, memory)
+
+    def init_state(self, num_coordinates: int, device: torch.device | str | None = None,
+                   segments: NTMLayout | None = None) -> tuple[Tensor, Tensor]:
+        """Zero per-coordinate state (R, N) and the empty memory M₀ = γ·I of every group."""
+        layout = segments if segments is not None else self.segments([num_coordinates], device)
+        if layout.groups.size != num_coordinates:
+            raise ValueError(f"layout covers {layout.groups.size} coordinates, not {num_coordinates}")
+        device = device if device is not None else self.device
+        coords = torch.zeros(self.config.state_rows, num_coordinates, dtype=self.dtype, device=device)
+        memory = layout.memory.init_state(layout.groups.width, self.dtype, device, groups=layout.groups.count)
+        return coords, memory
+
+    # ------------------------------------------------------------------ the step
+
+    def forward(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """g_t and the new state ((R, N) per coordinate, memory) from flat gradients (N,)."""
+        cfg, layout = self.config, segments
+        coords, memory_state = state
+        if coords.dim() != 2 or coords.shape != (cfg.state_rows, grad.shape[0]):
+            raise ValueError(f"per-coordinate state must have shape ({cfg.state_rows}, {grad.shape[0]}), "
+                             f"got {tuple(coords.shape)}")
+        groups, memory = layout.groups, layout.memory
+        memory.check_state(memory_state, groups.width, groups.count)
+        controller_state, carried = coords.split((cfg.controller.state_rows, _CARRIED))
+        if cfg.detach_memory:  # cut the memory path (M and the carried ∇, r, s, i) between steps
+            memory_state, carried = memory_state.detach(), carried.detach()
+        prev_grad, prev_key, prev_step, prev_read = carried.unbind(0)
+        extra = log_sign_preprocess(prev_read, cfg.controller.preprocess_p)  # (2, N)
+        controller_update, new_controller, top = self.controller.step(grad, controller_state, layout.gac, extra)
+        ctx = HeadInputs(grad, top, prev_key, prev_step, prev_read, controller_update, groups)
+        key = self.heads.key(ctx)
+        keys = groups.gather(key.unsqueeze(0))  # (G, 1, n)
+        pre_read = groups.scatter(memory.read(memory_state, keys)).squeeze(0)  # M_t·r_t
+        left, right = self.heads.writes(ctx, key, pre_read)
+        memory_state = memory.write(memory_state, groups.gather(left), groups.gather(right))
+        read = groups.scatter(memory.read(memory_state, keys)).squeeze(0)  # i_t = M_{t+1}·r_t
+        update = self.heads.output(ctx, read)
+        if cfg.backtrack:
+            # f(θ_t) − f(θ_{t−1}) ≈ ½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics): if the last
+            # step raised f, go halfway back instead; a line search with no function values.
+            rise = groups.dot(grad + prev_grad, prev_step) > 0
+            update = torch.where(rise, -0.5 * prev_step, update)
+        new_coords = torch.cat((new_controller, torch.stack((grad, key, update, read))))
+        return update, (new_coords, memory_state)

@@ -1,0 +1,289 @@
+"""NTM-BFGS, the rule and the drop-in optimizer: with hand-set head outputs the rule is
+textbook BFGS (dense memory) and L-BFGS (limited memory) to 1e-6; the learned heads start as
+BFGS; memories are per group (param group, or task), and the optimizer keeps them in its state."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import learned_optim
+from learned_optim import NTMBFGS, NTMBFGSConfig, NTMBFGSRule
+from learned_optim.meta import MetaTrainConfig, MetaTrainer, TruncatedBPTT, Unroll
+from learned_optim.rules import BFGSHeads, LimitedMemory, MemoryGroups
+from learned_optim.tasks import TaskStack, get_family
+from learned_optim.tasks.base import Task
+
+F64 = torch.float64
+EXACT = dict(curvature_eps=0.0, backtrack=False)  # the textbook algorithms have neither safeguard
+
+
+def _quadratic(n: int, seed: int, condition: float = 20.0):
+    """f(θ) = ½θᵀAθ − bᵀθ, A SPD of the given condition number; returns A, b, θ₀."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    a = q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(condition)).item(), n, dtype=F64)) @ q.T
+    return a, torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+
+
+def _textbook_bfgs(a, b, theta, steps: int, gamma: float) -> list[torch.Tensor]:
+    """BFGS with unit steps and H₀ = γ·I, product form H⁺ = (I − ρsyᵀ)H(I − ρysᵀ) + ρssᵀ."""
+    n = theta.numel()
+    eye, h, out = torch.eye(n, dtype=F64), torch.eye(n, dtype=F64) * gamma, []
+    grad = a @ theta - b
+    for _ in range(steps):
+        step = -h @ grad
+        theta = theta + step
+        new_grad = a @ theta - b
+        y = new_grad - grad
+        rho = 1 / (y @ step)
+        h = (eye - rho * torch.outer(step, y)) @ h @ (eye - rho * torch.outer(y, step)) + rho * torch.outer(step, step)
+        grad = new_grad
+        out.append(theta)
+    return out
+
+
+def _two_loop(grad, pairs, gamma):
+    """L-BFGS's two-loop recursion: H·∇ from γ·I and the (s, y) pairs, oldest first."""
+    q, alphas = grad.clone(), []
+    for s, y in reversed(pairs):
+        alpha = (s @ q) / (y @ s)
+        alphas.append(alpha)
+        q = q - alpha * y
+    r = gamma * q
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        r = r + s * (alpha - (y @ r) / (y @ s))
+    return r
+
+
+def _run_rule(rule, a, b, theta, steps: int, sizes=None) -> list[torch.Tensor]:
+    """Iterates θ_{t+1} = θ_t + g_t of the rule on the quadratic, coordinates split into ``sizes`` tensors."""
+    layout = rule.segments(sizes or [theta.numel()])
+    state = rule.init_state(theta.numel(), segments=layout)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            update, state = rule(a @ theta - b, state, layout)
+            theta = theta + update
+            out.append(theta)
+    return out
+
+
+def test_dense_rule_with_bfgs_heads_reproduces_textbook_bfgs():
+    a, b, theta = _quadratic(8, seed=0)
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.3, **EXACT), heads=BFGSHeads(0.0)).double()
+    got = _run_rule(rule, a, b, theta, 20, sizes=[3, 5])
+    want = _textbook_bfgs(a, b, theta, 20, 0.3)
+    for t, (x, y) in enumerate(zip(got, want)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=f"step {t}")
+    assert (a @ got[-1] - b).norm() < 1e-6 * (a @ theta - b).norm()  # and BFGS converged
+
+
+class LBFGSHeads(BFGSHeads):
+    """Head outputs of L-BFGS with m pairs: the heads keep the last m (s, y) and each step write
+    BFGS's 3 pairs for each of them, rebuilt from γ·I, filling all K = 3m slots (zero pairs pad
+    the first steps), so the memory holds exactly L-BFGS's H."""
+
+    def __init__(self, history: int, gamma: float) -> None:
+        super().__init__(0.0)
+        self.history, self.gamma, self.pairs = history, gamma, []
+
+    def writes(self, ctx, key, pre_read):
+        if ctx.prev_step.abs().sum() > 0:
+            self.pairs = (self.pairs + [(ctx.prev_step, key - ctx.prev_key)])[-self.history:]
+        scratch_memory = LimitedMemory(3 * self.history, self.gamma)
+        scratch = scratch_memory.init_state(key.numel(), key.dtype)
+        for s, y in self.pairs:
+            hy = scratch_memory.read(scratch, y.unsqueeze(0))[0]
+            rho = 1 / (y @ s)
+            c = rho + rho * rho * (y @ hy)
+            scratch = scratch_memory.write(scratch, torch.stack((c * s, -rho * s, -rho * hy)), torch.stack((s, hy, s)))
+        return scratch[0], scratch[1]
+
+
+def test_limited_rule_with_lbfgs_heads_reproduces_lbfgs_with_the_same_history():
+    n, history, gamma = 12, 3, 0.4
+    a, b, theta = _quadratic(n, seed=1, condition=10.0)
+    config = NTMBFGSConfig(memory="limited", memory_capacity=3 * history, initial_scale=gamma, **EXACT)
+    rule = NTMBFGSRule(config, heads=LBFGSHeads(history, gamma)).double()
+    got = _run_rule(rule, a, b, theta, 40)
+    x, pairs, grad = theta, [], a @ theta - b
+    for t in range(40):  # L-BFGS, unit steps, two-loop recursion over the last m pairs
+        step = -_two_loop(grad, pairs, gamma)
+        x = x + step
+        new_grad = a @ x - b
+        pairs = (pairs + [(step, new_grad - grad)])[-history:]
+        grad = new_grad
+        torch.testing.assert_close(got[t], x, rtol=1e-6, atol=1e-6, msg=f"step {t}")
+    assert grad.norm() < 1e-6 * (a @ theta - b).norm()  # and L-BFGS converged
+
+
+def test_learned_heads_start_as_bfgs():
+    """With the controller's own step zeroed, the untrained learned rule is exactly BFGS."""
+    a, b, theta = _quadratic(6, seed=2)
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.5, **EXACT), seed=3).double()
+    with torch.no_grad():
+        rule.controller.output_weight.zero_()
+        rule.controller.output_bias.zero_()
+    got = _run_rule(rule, a, b, theta, 10)
+    for x, y in zip(got, _textbook_bfgs(a, b, theta, 10, 0.5)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_backtracking_steps_halfway_back_after_a_step_that_raised_the_loss():
+    """f = ½‖θ‖² (∇ = θ) from θ₀ = 1 with γ = 3: the first step −3·∇ lands at −2, f rises from
+    ½ to 2, so the next step is −s/2 = +1.5 (to −0.5), not BFGS's; without the safeguard it is BFGS's."""
+    heads = BFGSHeads(0.0)
+    for backtrack, want in ((True, -0.5), (False, 0.0)):
+        rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=3.0, curvature_eps=0.0, backtrack=backtrack),
+                           heads=heads).double()
+        eye = torch.eye(1, dtype=F64)
+        got = _run_rule(rule, eye, torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64), 2)
+        assert got[0].item() == pytest.approx(-2.0)
+        assert got[1].item() == pytest.approx(want, abs=1e-12)  # BFGS: H = 1/A after one secant write
+
+
+def test_curvature_condition_skips_writes_that_would_break_positive_definiteness():
+    """On f = −½θ² (yᵀs < 0) BFGS's write would flip M's sign; the rule writes nothing."""
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.1, backtrack=False), heads=BFGSHeads()).double()
+    layout = rule.segments([1])
+    state = rule.init_state(1, segments=layout)
+    theta = torch.ones(1, dtype=F64)
+    for _ in range(3):
+        update, state = rule(-theta, state, layout)
+        theta = theta + update
+    torch.testing.assert_close(state[1], torch.full((1, 1, 1), 0.1, dtype=F64))
+
+
+def test_memory_groups_keep_tasks_apart_with_padding():
+    """Tasks of different sizes in one generic stack (padded per-task memories) follow exactly
+    the trajectories each has alone."""
+    def task(n, seed):
+        a, b, theta = _quadratic(n, seed)
+        return Task([theta], lambda p, batch=None, a=a, b=b: 0.5 * p[0] @ a @ p[0] - b @ p[0])
+
+    tasks = [task(3, 0), task(5, 1), task(4, 2)]
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense"), seed=1).double()
+    together = Unroll(rule, TaskStack.of(tasks))
+    assert together.segments.groups.count == 3 and together.segments.groups.width == 5
+    losses, _ = together.run(together.start(), 8, track=False)
+    for k, t in enumerate(tasks):
+        alone = Unroll(rule, TaskStack.of([t]))
+        single, _ = alone.run(alone.start(), 8, track=False)
+        torch.testing.assert_close(losses[:, k], single[:, 0], rtol=1e-10, atol=1e-12)
+
+
+def test_memory_groups_gather_scatter_round_trip_and_group_sums():
+    ids = torch.tensor([1, 0, 1, 2, 1, 0])
+    groups = MemoryGroups(ids, 3, 6)
+    x = torch.arange(12.0).view(2, 6)
+    laid_out = groups.gather(x)
+    assert laid_out.shape == (3, 2, 3)
+    torch.testing.assert_close(laid_out[0, 0], torch.tensor([1.0, 5.0, 0.0]))  # group 0, zero-padded
+    torch.testing.assert_close(groups.scatter(laid_out), x)
+    torch.testing.assert_close(groups.dot(x[0], x[0])[3], torch.tensor(9.0))  # group 2 holds only x[3] = 3
+    torch.testing.assert_close(groups.mean(x)[0, 1], torch.tensor(3.0))  # (1 + 5) / 2
+
+
+def test_memory_form_is_chosen_by_size_and_can_be_overridden():
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(1100))
+    for params, form, shape in (([small], None, (1, 10, 10)), ([large], None, (1, 2, 30, 1100)),
+                                ([small], "limited", (1, 2, 30, 10))):
+        opt = NTMBFGS(params, weights=None, memory=form)
+        params[0].grad = torch.ones_like(params[0])
+        opt.step()
+        assert tuple(opt.state[params[0]]["memory"].shape) == shape
+    with pytest.raises(ValueError, match="memory must be one of"):
+        NTMBFGS([small], weights=None, memory="sparse")
+    with pytest.raises(ValueError, match="memory_capacity"):
+        NTMBFGS([small], weights=None, memory_capacity=0)
+
+
+def test_dropin_optimizer_follows_the_rule_and_keeps_one_memory_per_group():
+    a, b, theta = _quadratic(6, seed=4)
+    a, b = a.float(), b.float()
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", **EXACT), heads=BFGSHeads(0.0))
+    first, second = nn.Parameter(theta[:2].float().clone()), nn.Parameter(theta[2:].float().clone())
+    opt = NTMBFGS([first, second], weights=rule)
+    for _ in range(8):
+        opt.zero_grad()
+        x = torch.cat((first, second))
+        (0.5 * x @ a @ x - b @ x).backward()
+        opt.step()
+    want = _textbook_bfgs(a.double(), b.double(), theta, 8, rule.config.initial_scale)[-1]
+    torch.testing.assert_close(torch.cat((first, second)).detach().double(), want, rtol=1e-4, atol=1e-5)
+    assert set(opt.state[first]) == {"rule_state", "memory", "memory_params"}
+    assert set(opt.state[second]) == {"rule_state"}
+    assert opt.state[first]["memory_params"] == [0, 1]
+    # Only the second param has a gradient now: the memory covers it alone, from M₀ again.
+    opt.zero_grad()
+    (second.square().sum()).backward()
+    opt.step()
+    assert "memory" not in opt.state[first] and opt.state[second]["memory_params"] == [1]
+    assert opt.state[second]["memory"].shape == (1, 4, 4)
+
+
+def test_state_dict_with_another_memory_form_is_refused_by_the_step():
+    p = nn.Parameter(torch.ones(5))
+    opt = NTMBFGS([p], weights=None, memory="dense")
+    p.grad = torch.ones(5)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    other = NTMBFGS([p], weights=None, memory="limited")
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="limited memory state"):
+        other.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_params_of_a_group_on_two_devices_are_refused():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with pytest.raises(ValueError, match="one device"):
+        NTMBFGS([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, device="cuda"))], weights=None)
+
+
+def test_meta_gradient_is_finite_and_reaches_the_heads_and_the_controller():
+    rule = NTMBFGSRule(seed=0)
+    unroll = Unroll(rule, get_family("quadratic").stack(list(range(8))))
+    result = TruncatedBPTT("log").estimate(rule, unroll, unroll.start(), 10)
+    grads = dict(zip([n for n, _ in rule.named_parameters()], result.grads))
+    for name in ("heads.readout.weight", "heads.write_coefficients", "controller.output_weight"):
+        assert grads[name] is not None and torch.isfinite(grads[name]).all() and grads[name].abs().sum() > 0, name
+
+
+def test_a_short_meta_training_improves_the_validation_score(tmp_path):
+    config = MetaTrainConfig(rule="ntm-bfgs", rule_config={"controller": {"hidden_size": 8}}, task="quadratic",
+                             horizon=40, truncation=20, tasks_per_step=16, episodes=30, validate_every=10,
+                             validation_tasks=16, meta_lr=1e-3, loss_transform="log", device="cpu",
+                             select_by="median_final_loss")
+    trainer = MetaTrainer(config, tmp_path, progress=False, log=None)
+    summary = trainer.train()
+    assert summary["skipped_truncations"] == 0
+    first = summary["best_validation"]
+    import json
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    initial = next(r for r in records if r["kind"] == "validation")
+    assert first["median_final_loss"] < 0.5 * initial["median_final_loss"], (initial, first)
+
+
+def test_config_round_trips_and_bad_configs_are_refused_by_name():
+    config = NTMBFGSConfig(memory="limited", memory_capacity=12, write_heads=4)
+    assert NTMBFGSConfig.from_dict(config.to_dict()) == config
+    for bad, match in (({"write_heads": 0}, "write_heads"), ({"memory": "huge"}, "memory must be"),
+                       ({"initial_scale": -1.0}, "initial_scale"), ({"memory_capacity": 2}, "memory_capacity"),
+                       ({"controller": {"extra_inputs": 0}}, "extra_inputs"), ({"heads": 3}, "unknown")):
+        with pytest.raises(ValueError, match=match):
+            NTMBFGSConfig.from_dict(bad)
+
+
+def test_registered_and_exported():
+    assert learned_optim.info("ntm-bfgs").cls is NTMBFGS
+    with pytest.raises(TypeError, match="needs an NTMBFGSRule"):
+        NTMBFGS([nn.Parameter(torch.ones(2))], weights=learned_optim.LSTMGACRule())
