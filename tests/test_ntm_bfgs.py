@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from bfgs_reference import two_loop
 from torch import nn
 
 import learned_optim
@@ -44,19 +45,6 @@ def _textbook_bfgs(a, b, theta, steps: int, gamma: float) -> list[torch.Tensor]:
         grad = new_grad
         out.append(theta)
     return out
-
-
-def _two_loop(grad, pairs, gamma):
-    """L-BFGS's two-loop recursion: H·∇ from γ·I and the (s, y) pairs, oldest first."""
-    q, alphas = grad.clone(), []
-    for s, y in reversed(pairs):
-        alpha = (s @ q) / (y @ s)
-        alphas.append(alpha)
-        q = q - alpha * y
-    r = gamma * q
-    for (s, y), alpha in zip(pairs, reversed(alphas)):
-        r = r + s * (alpha - (y @ r) / (y @ s))
-    return r
 
 
 def _run_rule(rule, a, b, theta, steps: int, sizes=None) -> list[torch.Tensor]:
@@ -112,7 +100,7 @@ def test_limited_rule_with_lbfgs_heads_reproduces_lbfgs_with_the_same_history():
     got = _run_rule(rule, a, b, theta, 40)
     x, pairs, grad = theta, [], a @ theta - b
     for t in range(40):  # L-BFGS, unit steps, two-loop recursion over the last m pairs
-        step = -_two_loop(grad, pairs, gamma)
+        step = -two_loop(grad, pairs, gamma)
         x = x + step
         new_grad = a @ x - b
         pairs = (pairs + [(step, new_grad - grad)])[-history:]

@@ -111,11 +111,11 @@ class NTMBFGS(LearnedRuleOptimizer):
         memory = owner.get("memory")
         if memory is None or list(owner.get("memory_params", ())) != covered:
             memory = None  # first step, or other params have gradients now: start from M₀
-        for p in group["params"]:  # one memory per group: drop any other (stale) copy
-            other = self.state.get(p)
-            if other is not None and other is not owner:
-                other.pop("memory", None)
-                other.pop("memory_params", None)
+            for p in group["params"]:  # one memory per group: drop any other (stale) copy
+                other = self.state.get(p)
+                if other is not None and other is not owner:
+                    other.pop("memory", None)
+                    other.pop("memory_params", None)
         flat_grad = torch.cat([g.reshape(-1) for g in grads]).to(rule.dtype)
         coords = torch.cat([s["rule_state"] for s in states], dim=-1)
         if memory is None:
