@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__, registry
+from .meta.unroll import GRADIENT_MODES
 from .tasks import families, get_family
 
 __all__ = ["main"]
@@ -183,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--meta-lr-schedule", default="constant", choices=["constant", "cosine"],
                         help="cosine: decay to 5%% of --meta-lr over --episodes")
     p_meta.add_argument("--clip-grad-norm", type=float, default=1.0, help="meta-gradient norm clip")
-    p_meta.add_argument("--gradient", default="first-order", choices=["first-order", "second-order"])
+    p_meta.add_argument("--gradient", default="first-order", choices=list(GRADIENT_MODES),
+                        help="how the optimizee gradient enters the meta-gradient: an input (first-order), "
+                             "differentiated (second-order), or differentiated on an independent minibatch (gd-by-sgd)")
     p_meta.add_argument("--loss-transform", default="mean", choices=["mean", "log"],
                         help="meta-loss: mean of f (the paper) or mean of log f")
     p_meta.add_argument("--select-by", default="meta_loss", choices=["meta_loss", "median_final_loss"],

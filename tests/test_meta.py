@@ -106,6 +106,59 @@ def test_first_order_meta_gradient_treats_optimizee_gradients_as_inputs():
     assert not torch.allclose(analytic, second, rtol=1e-3, atol=0)
 
 
+def test_gd_by_sgd_meta_gradient_has_the_value_of_one_minibatch_and_the_derivative_of_another():
+    """By hand: replay the minibatches (z₁, z₂ per step) and feed the rule g₁ + g₂(θ) − g₂ recorded,
+    whose value along the unperturbed trajectory is g₁ and whose derivative is z₂'s Hessian;
+    finite differences of that trajectory's loss must equal the estimator's meta-gradient."""
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=6, gac_cells=2, output_scale=0.3), seed=0).double()
+    stack = get_family("noisy-least-squares", dim=3, batch_size=2, dtype=F64).stack([5, 6])
+    unroll = Unroll(rule, stack, "gd-by-sgd")
+    start = unroll.start()  # draws the start batch from a stream; the run goes on with z₁, z₂ per step
+    result = TruncatedBPTT().estimate(rule, unroll, start, STEPS)
+    analytic = _flat(result.grads)
+
+    stream = stack.new_stream()
+    first = stack.sample_batch(stream)  # the start batch
+    batches = [(stack.sample_batch(stream), stack.sample_batch(stream)) for _ in range(STEPS)]
+    sizes = [p.numel() for p in stack.initial_params]
+    segments = Segments.from_sizes([3, 3])
+
+    def grad_at(params, batch, create_graph=False):
+        loss = stack.losses(params, batch)
+        return loss, _flat(torch.autograd.grad(loss.sum(), params, create_graph=create_graph))
+
+    def trajectory(recorded=None):
+        params = [p.clone().requires_grad_(True) for p in start.params]
+        _, fed = grad_at(params, first)
+        fed = fed.detach()
+        state, seen, losses = start.rule_state.clone(), [], []
+        for t, (z1, z2) in enumerate(batches):
+            update, state = rule(fed, state, segments)
+            params = [p + u.view_as(p) for p, u in zip(params, update.split(sizes))]
+            loss, g1 = grad_at(params, z1)
+            _, g2 = grad_at(params, z2, create_graph=True)
+            seen.append((g1.detach(), g2.detach()))
+            fed = g1.detach() if recorded is None else recorded[t][0] + g2 - recorded[t][1]
+            losses.append(loss.detach())
+        return seen, float(torch.stack(losses).mean())
+
+    recorded, value = trajectory()
+    assert value == pytest.approx(result.meta_loss, rel=1e-12)  # the same minibatches, replayed
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        direction = torch.randn(analytic.numel(), generator=gen, dtype=F64)
+        fd = _directional_fd(rule, lambda: trajectory(recorded)[1], direction)
+        assert abs(fd - float(analytic @ direction)) <= 1e-6 * max(1.0, abs(fd)), (fd, float(analytic @ direction))
+
+
+def test_gd_by_sgd_is_the_second_order_meta_gradient_on_deterministic_tasks():
+    rule, stack = _setup()
+    start = Unroll(rule, stack, "second-order").start()
+    second = TruncatedBPTT().estimate(rule, Unroll(rule, stack, "second-order"), start, STEPS)
+    gd_sgd = TruncatedBPTT().estimate(rule, Unroll(rule, stack, "gd-by-sgd"), start, STEPS)
+    torch.testing.assert_close(_flat(gd_sgd.grads), _flat(second.grads), rtol=0, atol=1e-12)
+
+
 def test_dropin_optimizer_follows_the_same_trajectory_as_the_unroll():
     """One copy of the math: LSTMOptimizer.step == the meta-trainer's inner step."""
     rule = LSTMGACRule(seed=5)

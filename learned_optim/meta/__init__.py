@@ -4,11 +4,33 @@ learned_optimization):
 * tasks: :mod:`learned_optim.tasks` (families and :class:`~learned_optim.tasks.TaskStack`),
   shared with the benchmark harness;
 * unrolling: :class:`Unroll` runs a rule on a task stack, carrying θ and the rule state;
-* meta-gradient estimators: :class:`TruncatedBPTT` (first- or second-order);
+* meta-gradient estimators: :class:`TruncatedBPTT` over an unroll whose optimizee gradient
+  enters first-order, second-order or GD-by-SGD (see :data:`GRADIENT_MODES`);
 * the outer trainer: :class:`MetaTrainer` (Adam on φ, clipping, validation and early
   stopping, checkpoints, logs).
+
+Learned initializations (the MAML family) have their own estimators of ∂L_test/∂θ₀ in
+:mod:`learned_optim.meta.initialization`: :class:`SecondOrder`, :class:`FirstOrder`,
+:class:`GDBySGD` and :class:`Implicit` (iMAML), driven by :class:`MAML`.
 """
 
+from .memory import peak_memory
+from .initialization import (
+    INIT_ESTIMATORS,
+    MAML,
+    CGResult,
+    FirstOrder,
+    GDBySGD,
+    Implicit,
+    InitEstimate,
+    InitEstimator,
+    InnerOptimizer,
+    InnerSGD,
+    MetaTask,
+    SecondOrder,
+    conjugate_gradient,
+    get_estimator,
+)
 from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, TruncationResult, meta_loss
 from .trainer import (
     TRAIN_SEED_BASE,
@@ -21,7 +43,21 @@ from .trainer import (
 from .unroll import GRADIENT_MODES, Unroll, UnrollState, stack_segments
 
 __all__ = [
+    "CGResult",
+    "FirstOrder",
+    "GDBySGD",
     "GRADIENT_MODES",
+    "INIT_ESTIMATORS",
+    "Implicit",
+    "InitEstimate",
+    "InitEstimator",
+    "InnerOptimizer",
+    "InnerSGD",
+    "MAML",
+    "MetaTask",
+    "SecondOrder",
+    "conjugate_gradient",
+    "get_estimator",
     "LOSS_TRANSFORMS",
     "MetaTrainConfig",
     "MetaTrainer",
@@ -32,6 +68,7 @@ __all__ = [
     "UnrollState",
     "VALIDATION_SEED_BASE",
     "meta_loss",
+    "peak_memory",
     "resolve_device",
     "stack_segments",
     "validate",

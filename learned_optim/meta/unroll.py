@@ -11,6 +11,11 @@ How the optimizee gradient ∇_t enters the graph is the ``gradient`` mode:
 * ``"first-order"`` (the paper's): ∇_t is an input; no second derivatives of f.
 * ``"second-order"``: ∇_t keeps its dependence on θ_t, so the meta-gradient includes
   ∂∇_t/∂θ_t (Hessian-vector products through the unroll).
+* ``"gd-by-sgd"`` (K. Cho): the rule's input is u_t = g₁.detach() + (g₂ − g₂.detach()), the
+  value of minibatch z₁'s gradient with the derivative of an independent minibatch z₂'s,
+  so the backward path does not reuse the forward path's minibatch (whose gradient and
+  Hessian are correlated). The losses f(θ_t) are those of z₁. On deterministic tasks it is
+  the second-order mode. Runs without a graph (validation) draw z₁ only.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ..tasks import TaskStack
 
 __all__ = ["UnrollState", "Unroll", "stack_segments", "detach_state", "GRADIENT_MODES"]
 
-GRADIENT_MODES = ("first-order", "second-order")
+GRADIENT_MODES = ("first-order", "second-order", "gd-by-sgd")
 
 
 def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Segments:
@@ -103,6 +108,7 @@ class Unroll:
         meta-gradient); without it nothing is kept (validation, evaluation).
         """
         second_order = track and self.gradient == "second-order"
+        independent = track and self.gradient == "gd-by-sgd"  # the backward path's own minibatch z₂
         params = [p.detach().requires_grad_(True) for p in state.params]
         rule_state, grad = detach_state(state.rule_state), state.grad.detach()
         history = []
@@ -116,7 +122,11 @@ class Unroll:
                     rule_state = detach_state(rule_state)
                 losses, grad = self._loss_and_grad(params, state.stream, create_graph=second_order, keep_graph=track)
                 grad = grad.to(self.rule.dtype)
-                if not second_order:
+                if independent:
+                    _, backward = self._loss_and_grad(params, state.stream, create_graph=True, keep_graph=True)
+                    backward = backward.to(self.rule.dtype)
+                    grad = grad.detach() + (backward - backward.detach())
+                elif not second_order:
                     grad = grad.detach()
                 history.append(losses if track else losses.detach())
         new_state = UnrollState(

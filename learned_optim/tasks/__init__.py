@@ -9,6 +9,7 @@ from .synthetic import (
     NoisyQuadraticFamily,
     QuadraticFamily,
     RosenbrockFamily,
+    SinusoidFamily,
 )
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "NoisyQuadraticFamily",
     "QuadraticFamily",
     "RosenbrockFamily",
+    "SinusoidFamily",
     "Task",
     "TaskFamily",
     "TaskStack",

@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .base import Task, TaskFamily, TaskStack, register_family
+from .mlp import mlp_forward
 
-__all__ = ["IllConditionedQuadraticFamily", "QuadraticFamily", "RosenbrockFamily", "NoisyQuadraticFamily", "NoisyLeastSquaresFamily"]
+__all__ = ["IllConditionedQuadraticFamily", "QuadraticFamily", "RosenbrockFamily", "NoisyQuadraticFamily",
+           "NoisyLeastSquaresFamily", "SinusoidFamily"]
 
 
 @register_family("quadratic")
@@ -178,3 +181,61 @@ class NoisyLeastSquaresFamily(TaskFamily):
 
         theta0 = torch.zeros(self.dim, dtype=self.dtype)
         return Task([theta0], loss, batch, self.batch_size, seed, {"w_star": w_star})
+
+
+@register_family("sinusoid")
+class SinusoidFamily(TaskFamily):
+    """MAML's regression tasks (Finn et al. 2017): y = A·sin(x − ϕ) with the amplitude A and
+    phase ϕ drawn per task (uniform on ``amplitude`` and ``phase``), x uniform on ``x_range``.
+
+    A minibatch is ``batch_size`` fresh points (K-shot, K = 10 by default); the loss is the
+    mean squared error of an MLP (``hidden`` ReLU layers, default 40-40) whose θ₀ is drawn
+    like ``nn.Linear``'s default init. ``model()`` builds that MLP as an ``nn.Module`` with the
+    same parameter order, and ``criterion`` scores a model's outputs (for :class:`~learned_optim.meta.MAML`).
+    """
+
+    name = "sinusoid"
+    criterion = staticmethod(F.mse_loss)
+
+    def __init__(self, hidden: tuple[int, ...] = (40, 40), batch_size: int = 10,
+                 amplitude: tuple[float, float] = (0.1, 5.0), phase: tuple[float, float] = (0.0, math.pi),
+                 x_range: tuple[float, float] = (-5.0, 5.0)) -> None:
+        for key, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"{key} must be a finite (low, high) pair with low ≤ high, got {(lo, hi)!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.hidden, self.batch_size = tuple(hidden), batch_size
+        self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
+
+    def model(self) -> nn.Module:
+        """The family's MLP as an ``nn.Module`` (parameters in the order of a task's params)."""
+        sizes = [1, *self.hidden, 1]
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(fan_in, fan_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    def sample(self, seed: int) -> Task:
+        g = torch.Generator().manual_seed(seed)
+        amplitude = float(torch.empty(()).uniform_(*self.amplitude, generator=g))
+        phase = float(torch.empty(()).uniform_(*self.phase, generator=g))
+        sizes = [1, *self.hidden, 1]
+        params: list[Tensor] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):  # nn.Linear's default: U(±1/√fan_in)
+            bound = 1 / math.sqrt(fan_in)
+            params.append(torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=g))
+            params.append(torch.empty(fan_out).uniform_(-bound, bound, generator=g))
+        lo, hi = self.x_range
+
+        def batch(gen: torch.Generator, b: int) -> tuple[Tensor, Tensor]:
+            x = torch.empty(b, 1).uniform_(lo, hi, generator=gen)
+            return x, amplitude * torch.sin(x - phase)
+
+        def loss(ps, xy):
+            x, y = xy
+            return F.mse_loss(mlp_forward(ps, x, "relu"), y)
+
+        return Task(params, loss, batch, self.batch_size, seed, {"amplitude": amplitude, "phase": phase})
