@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from learned_optim import ConjugateMomentumSGD
+
 from learned_optim.meta import (
     MAML,
     FirstOrder,
@@ -106,12 +108,16 @@ def test_implicit_converges_to_the_analytic_implicit_gradient_as_cg_steps_grow()
     torch.testing.assert_close(phi, exact_phi, rtol=0, atol=1e-6)
 
 
-def test_implicit_solves_the_proximal_problem_with_any_optimizer():
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.LBFGS(ps, lr=1, max_iter=50, tolerance_grad=1e-12, tolerance_change=1e-14),
+    lambda ps: ConjugateMomentumSGD(ps, lr=0.05, momentum_horizon=5, batch_size=1),  # one of this package's
+], ids=["torch-lbfgs", "conjugate-momentum-sgd"])
+def test_implicit_solves_the_proximal_problem_with_any_optimizer(make):
     task, (a, b, c, d) = quadratic_task(4, 5)
     theta = torch.zeros(4, dtype=DT)
     lam = 2.0
-    inner = InnerOptimizer(lambda ps: torch.optim.LBFGS(ps, lr=1, max_iter=50, tolerance_grad=1e-12,
-                                                         tolerance_change=1e-14), steps=3)
+    inner = InnerOptimizer(make, steps=3 if isinstance(make([torch.zeros(1, requires_grad=True)]), torch.optim.LBFGS)
+                           else 300)
     result = Implicit(lam=lam, cg_steps=10).estimate([theta], task, inner)
     exact_phi = torch.linalg.solve(a + lam * torch.eye(4, dtype=DT), a @ c + lam * theta)
     torch.testing.assert_close(result.adapted[0], exact_phi, rtol=0, atol=1e-7)
@@ -259,3 +265,23 @@ def test_maml_learns_an_initialization_for_the_quadratic_family():
     before = maml.evaluate(steps=2).mean()
     maml.train(40)
     assert maml.evaluate(steps=2).mean() < 0.7 * before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("estimator", ["second-order", "gd-by-sgd", "implicit"])
+def test_cuda_meta_gradient_matches_the_cpu_one(estimator):
+    family = SinusoidFamily(dtype=DT)
+    torch.manual_seed(0)
+    cpu_model = family.model()
+    cuda_model = family.model().cuda()
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    chosen = get_estimator(estimator, **({"lam": 1.0, "cg_steps": 5, "damping": 1.0} if estimator == "implicit" else {}))
+    grads = []
+    for model in (cpu_model, cuda_model):
+        maml = MAML(model, family, chosen, InnerSGD(0.02, 3), tasks_per_step=1)
+        task = maml.meta_task(family.sample(4))  # batches drawn on the CPU, moved to the model's device
+        grads.append(chosen.estimate(maml.params, task, maml.inner).grads)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-8)
+    _, peak = peak_memory(lambda: chosen.estimate(maml.params, maml.meta_task(family.sample(4)), maml.inner), "cuda")
+    assert peak > 0

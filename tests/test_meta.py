@@ -213,6 +213,16 @@ def test_a_seconds_long_meta_training_lowers_the_validation_meta_loss(tmp_path):
     assert again["meta_loss"] == pytest.approx(summary["best_validation"]["meta_loss"], rel=1e-5)
 
 
+def test_gd_by_sgd_meta_training_on_a_stochastic_family_lowers_the_validation_meta_loss(tmp_path):
+    config = _config(task="noisy-least-squares", task_kwargs={"dim": 8, "batch_size": 4}, gradient="gd-by-sgd",
+                     episodes=24, tasks_per_step=4, validation_tasks=8, validate_every=8, meta_lr=1e-2)
+    summary = MetaTrainer(config, tmp_path, progress=False, log=None).train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["kind"] == "validation")
+    assert summary["skipped_truncations"] == 0
+    assert summary["best_validation"]["meta_loss"] < 0.8 * first["meta_loss"], (first, summary)  # floor: noise²/2
+
+
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
     straight = MetaTrainer(_config(episodes=6), tmp_path / "a", progress=False, log=None)
     straight.train()

@@ -199,14 +199,14 @@ class SinusoidFamily(TaskFamily):
 
     def __init__(self, hidden: tuple[int, ...] = (40, 40), batch_size: int = 10,
                  amplitude: tuple[float, float] = (0.1, 5.0), phase: tuple[float, float] = (0.0, math.pi),
-                 x_range: tuple[float, float] = (-5.0, 5.0)) -> None:
+                 x_range: tuple[float, float] = (-5.0, 5.0), dtype: torch.dtype = torch.float32) -> None:
         for key, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
             if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
                 raise ValueError(f"{key} must be a finite (low, high) pair with low ≤ high, got {(lo, hi)!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.hidden, self.batch_size = tuple(hidden), batch_size
-        self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
+        self.amplitude, self.phase, self.x_range, self.dtype = amplitude, phase, x_range, dtype
 
     def model(self) -> nn.Module:
         """The family's MLP as an ``nn.Module`` (parameters in the order of a task's params)."""
@@ -216,7 +216,7 @@ class SinusoidFamily(TaskFamily):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
+        return nn.Sequential(*layers).to(self.dtype)
 
     def sample(self, seed: int) -> Task:
         g = torch.Generator().manual_seed(seed)
@@ -226,12 +226,12 @@ class SinusoidFamily(TaskFamily):
         params: list[Tensor] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):  # nn.Linear's default: U(±1/√fan_in)
             bound = 1 / math.sqrt(fan_in)
-            params.append(torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=g))
-            params.append(torch.empty(fan_out).uniform_(-bound, bound, generator=g))
-        lo, hi = self.x_range
+            params.append(torch.empty(fan_out, fan_in, dtype=self.dtype).uniform_(-bound, bound, generator=g))
+            params.append(torch.empty(fan_out, dtype=self.dtype).uniform_(-bound, bound, generator=g))
+        lo, hi, dtype = *self.x_range, self.dtype
 
         def batch(gen: torch.Generator, b: int) -> tuple[Tensor, Tensor]:
-            x = torch.empty(b, 1).uniform_(lo, hi, generator=gen)
+            x = torch.empty(b, 1, dtype=dtype).uniform_(lo, hi, generator=gen)
             return x, amplitude * torch.sin(x - phase)
 
         def loss(ps, xy):
