@@ -13,7 +13,8 @@ on θ₀, ``--tasks-per-step`` tasks per meta-step.
 Reported per estimator, over ``--seeds`` meta-training runs (model init and task draws
 differ by seed): the meta-test loss on 100 held-out tasks (seeds never trained on; 100
 query points each) after k = 0, 1, ``--inner-steps`` and ``--implicit-inner-steps`` inner
-steps, with the same SGD for every estimator; the median wall time of a meta-step; and the peak memory of one task's
+steps, with the same SGD for every estimator; the median wall time of a meta-step; the meta-steps skipped because a
+task's inner loop blew up (θ₀ is then left as it was); and the peak memory of one task's
 meta-gradient, measured (``learned_optim.meta.peak_memory``), at ``--inner-steps`` and
 at 4x as many inner steps, to show which estimators' memory grows with the inner loop.
 
@@ -66,7 +67,7 @@ def run(name: str, seed: int, args: argparse.Namespace, family: SinusoidFamily, 
     final = {k: float(maml.evaluate(test_seeds, steps=k, query_size=100).mean())
              for k in eval_steps(args)}
     return {"estimator": name, "seed": seed, "curve": curve, "final": final,
-            "step_seconds": statistics.median(times)}
+            "step_seconds": statistics.median(times), "skipped": maml.skipped}
 
 
 def eval_steps(args: argparse.Namespace) -> tuple[int, ...]:
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.estimators:
         for seed in range(args.seeds):
             runs.append(run(name, seed, args, family, test_seeds))
-            print(f"{name} seed {seed}: {runs[-1]['final']} ({runs[-1]['step_seconds'] * 1e3:.1f} ms/meta-step)",
-                  flush=True)
+            print(f"{name} seed {seed}: {runs[-1]['final']} ({runs[-1]['step_seconds'] * 1e3:.1f} ms/meta-step, "
+                  f"{runs[-1]['skipped']} skipped)", flush=True)
     peaks = {name: {k: memory(name, k, args, family) for k in (args.inner_steps, 4 * args.inner_steps)}
              for name in args.estimators}
     seconds = time.perf_counter() - start
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
              f"held-out tasks after k SGD steps (lr {args.inner_lr}), median over seeds (min–max). Peak memory: "
              "one task's meta-gradient.", "",
              "| estimator | inner steps (training) | " + " | ".join(f"k = {j}" for j in ks)
-             + f" | ms / meta-step | peak memory, {k} inner steps | peak memory, {k4} inner steps |",
-             "|---|---|" + "---|" * len(ks) + "---|---|---|"]
+             + f" | ms / meta-step | skipped meta-steps | peak memory, {k} inner steps | peak memory, {k4} inner steps |",
+             "|---|---|" + "---|" * len(ks) + "---|---|---|---|"]
 
     def cell(values: list[float]) -> str:
         return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})" if len(values) > 1 \
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.median(r["step_seconds"] for r in mine) * 1e3
         summary[name] = {"final_median": {j: statistics.median(v) for j, v in finals.items()}, "ms_per_step": ms,
                          "peak_bytes": peaks[name]}
-        lines.append(f"| {name} | {training_steps(name, args)} | " + " | ".join(cell(finals[j]) for j in ks) + f" | {ms:.1f} | "
+        skipped = sum(r["skipped"] for r in mine)
+        summary[name]["skipped"] = skipped
+        lines.append(f"| {name} | {training_steps(name, args)} | " + " | ".join(cell(finals[j]) for j in ks)
+                     + f" | {ms:.1f} | {skipped} | "
                      f"{peaks[name][k] / 1024:.0f} KiB | {peaks[name][k4] / 1024:.0f} KiB |")
     text = "\n".join(lines)
     print(text)

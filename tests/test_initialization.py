@@ -285,3 +285,15 @@ def test_cuda_meta_gradient_matches_the_cpu_one(estimator):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-8)
     _, peak = peak_memory(lambda: chosen.estimate(maml.params, maml.meta_task(family.sample(4)), maml.inner), "cuda")
     assert peak > 0
+
+
+def test_a_meta_step_whose_inner_loop_blows_up_is_skipped_and_leaves_theta_unchanged():
+    family = QuadraticFamily(dim=5)
+    maml = MAML([torch.ones(5)], family, "second-order", InnerSGD(1e6, 30), tasks_per_step=2)
+    before = [p.detach().clone() for p in maml.params]
+    record = maml.meta_step()
+    assert "non-finite" in record["skipped"] and maml.skipped == 1 and math.isnan(record["meta_loss"])
+    assert all(torch.equal(p, q) for p, q in zip(maml.params, before)) and not maml.optimizer.state
+    maml.inner = InnerSGD(1e-3, 2)
+    assert "skipped" not in maml.meta_step() and maml.skipped == 1
+    assert not torch.equal(maml.params[0], before[0])

@@ -400,6 +400,7 @@ class MAML:
         self.device = self.params[0].device
         self.optimizer = torch.optim.Adam(self.params, lr=meta_lr)
         self.step_count = 0
+        self.skipped = 0  # meta-steps skipped for a non-finite meta-gradient
 
     def loss_fn(self, task: Task) -> Callable[[Sequence[Tensor], Batch], Tensor]:
         """ℓ(φ; batch) of ``task`` for parameters φ shaped like θ₀."""
@@ -423,27 +424,36 @@ class MAML:
         return MetaTask(loss, lambda: _to_device(task.sample_batch(stream, self.support_size), device),
                         lambda p: loss(p, query))
 
-    def meta_step(self) -> dict[str, float]:
-        """One Adam step on θ₀ from the mean meta-gradient over ``tasks_per_step`` new tasks."""
+    def meta_step(self) -> dict[str, Any]:
+        """One Adam step on θ₀ from the mean meta-gradient over ``tasks_per_step`` new tasks.
+
+        If any task's meta-loss or meta-gradient is not finite (an inner loop blew up), the
+        step is skipped: θ₀ and Adam's state stay as they were, the record says ``skipped``
+        and :attr:`skipped` counts it (as the meta-trainer of learned optimizers does).
+        """
         start = time.perf_counter()
         k = self.tasks_per_step
         seeds = [TRAIN_SEED_BASE + self.seed * 10**8 + self.step_count * k + i for i in range(k)]
         total = [torch.zeros_like(p) for p in self.params]
         losses = []
+        record: dict[str, Any] = {"step": self.step_count + 1}
         for seed in seeds:
             result = self.estimator.estimate(self.params, self.meta_task(self.family.sample(seed)), self.inner)
             if not math.isfinite(result.meta_loss) or not all(torch.isfinite(g).all() for g in result.grads):
-                raise FloatingPointError(f"meta-step {self.step_count}: task seed {seed} gave a non-finite "
-                                         f"meta-loss or meta-gradient ({result.meta_loss}); θ₀ left unchanged")
+                self.skipped += 1
+                record["skipped"] = f"task seed {seed}: non-finite meta-loss or meta-gradient ({result.meta_loss:.4g})"
+                break
             for acc, g in zip(total, result.grads):
                 acc.add_(g)
             losses.append(result.meta_loss)
-        for p, g in zip(self.params, total):
-            p.grad = g / k
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p, g in zip(self.params, total):
+                p.grad = g / k
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return {"step": self.step_count, "meta_loss": sum(losses) / k, "seconds": time.perf_counter() - start}
+        return {**record, "meta_loss": sum(losses) / len(losses) if len(losses) == k else math.nan,
+                "seconds": time.perf_counter() - start}
 
     def train(self, steps: int) -> list[dict[str, float]]:
         """``steps`` meta-steps; their records."""
