@@ -1,5 +1,7 @@
 """Every registered optimizer under DistributedDataParallel (2 CPU processes, gloo) gives the
-parameters a single process gets on the same global batch."""
+parameters a single process gets on the same global batch; under FSDP2 (parameters sharded
+across the 2 processes, one tensor unevenly) so does every one but NTMBFGS, which refuses
+sharded parameters by name: LSTM+GAC's averages over whole tensors are all-reduced."""
 
 from __future__ import annotations
 
@@ -64,6 +66,60 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            return None
+    return fully_shard
+
+
+SHARDED = [n for n in NAMES if n != "ntm-bfgs"]
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        results: dict = {}
+        for name in SHARDED:
+            model = _model()
+            _fully_shard()(model, mesh=mesh)
+            _train(name, model, shard=(rank, world))
+            results[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        # A NaN in one rank's shard only: both ranks refuse the step (no rank is left waiting
+        # in an all-reduce), naming the same parameter, and nothing changes.
+        model = _model()
+        _fully_shard()(model, mesh=mesh)
+        optimizer = _make("lstm-gac", model.parameters())
+        x, y = _global_batch(0)
+        nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        if rank == 1:
+            weight = next(model.parameters())
+            weight.grad.to_local()[0, 0] = float("nan")
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        try:
+            optimizer.step()
+        except ValueError as error:
+            results["nan-error"] = str(error)
+        results["nan-unchanged"] = all(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
+        model = _model()
+        _fully_shard()(model, mesh=mesh)
+        try:
+            _make("ntm-bfgs", model.parameters())
+        except ValueError as error:
+            results["ntm-bfgs-error"] = str(error)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,3 +141,34 @@ def test_ddp_matches_a_single_process_on_the_global_batch(name, ddp_results):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=lambda m: f"rank {rank}: {m}")
     moved = any(not torch.equal(p, q) for p, q in zip(single, _model().parameters()))
     assert moved  # the comparison is of trained parameters, not of the initialization
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> list[dict]:
+    if _fully_shard() is None:
+        pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard)")
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_fsdp_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_fsdp_matches_a_single_process_on_the_global_batch(name, fsdp_results):
+    """Float64 params; the learned rule computes in float32, where summing the GAC averages
+    shard by shard rounds differently, hence its looser tolerance (float32's, not float64's)."""
+    single = _train(name, _model())
+    tolerance = dict(rtol=1e-5, atol=1e-6) if name == "lstm-gac" else dict(rtol=1e-6, atol=1e-9)
+    for rank, results in enumerate(fsdp_results):
+        for p, q in zip(results[name], single):
+            torch.testing.assert_close(p, q, **tolerance, msg=lambda m: f"rank {rank}: {m}")
+
+
+def test_ntm_bfgs_refuses_sharded_parameters_by_name(fsdp_results):
+    for results in fsdp_results:
+        assert "does not support sharded parameters" in results["ntm-bfgs-error"]
+
+
+def test_a_nan_in_one_shard_is_refused_on_every_rank(fsdp_results):
+    messages = [results.get("nan-error", "") for results in fsdp_results]
+    assert all("contains NaN or inf" in m and "parameter 0 of param group 0" in m for m in messages), messages
+    assert all(results["nan-unchanged"] for results in fsdp_results)

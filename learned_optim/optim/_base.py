@@ -16,9 +16,46 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["PackageOptimizer", "BatchSizeMixin", "check_batch_size", "check_positive", "working_dtype"]
+__all__ = ["PackageOptimizer", "BatchSizeMixin", "check_batch_size", "check_positive", "working_dtype",
+           "local_tensor", "shard_group"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+_DTENSOR: list = []  # [DTensor class or None], filled on first use
+
+
+def _dtensor_class() -> type | None:
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch without distributed, or before DTensor was public
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (FSDP2), else ``t`` itself."""
+    dtensor = _dtensor_class()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def shard_group(param: Tensor) -> Any:
+    """The process group ``param`` is sharded across (a DTensor sharded on one mesh dimension,
+    as FSDP2 makes), or None for an ordinary or replicated tensor."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(param, dtensor):
+        return None
+    from torch.distributed.tensor import Shard
+
+    dims = [d for d, placement in enumerate(param.placements) if isinstance(placement, Shard)]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise ValueError(f"parameters sharded over more than one mesh dimension are not supported "
+                         f"(placements {param.placements})")
+    return param.device_mesh.get_group(dims[0])
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,10 +166,18 @@ class PackageOptimizer(Optimizer):
         if checked:
             # min and max of g are both finite exactly when g holds no NaN or inf: one pass
             # per tensor without temporaries, and a single host sync for the whole step.
-            extremes = [torch.stack(torch.aminmax(c[0])).to(torch.float32) for c in checked]
+            extremes = [_extremes(local_tensor(c[0])) for c in checked]
             if len({e.device for e in extremes}) > 1:
                 extremes = [e.cpu() for e in extremes]
-            finite = torch.isfinite(torch.stack(extremes)).all(dim=1).cpu()
+            finite = torch.isfinite(torch.stack(extremes)).all(dim=1)
+            group = self._shard_group_of(c[4] for c in checked)
+            if group is not None:  # sharded grads: every rank must reach the same verdict
+                import torch.distributed as dist
+
+                verdict = finite.to(torch.int32)
+                dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+                finite = verdict.bool()
+            finite = finite.cpu()
             if bool(finite.all()):
                 return selected
             for ok, (_, gi, group, i, p) in zip(finite.tolist(), checked):
@@ -143,6 +188,14 @@ class PackageOptimizer(Optimizer):
                         "precision, step through torch.amp.GradScaler, which skips such steps.)"
                     )
         return selected
+
+    @staticmethod
+    def _shard_group_of(params: Any) -> Any:
+        """The one process group the sharded ones among ``params`` share (None if none is sharded)."""
+        groups = {id(g): g for g in (shard_group(p) for p in params) if g is not None}
+        if len(groups) > 1:
+            raise ValueError("parameters sharded across different process groups cannot share an optimizer")
+        return next(iter(groups.values()), None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -158,17 +211,26 @@ class PackageOptimizer(Optimizer):
             for p, g in zip(params, grads):
                 state = self.state[p]
                 wdtype = working_dtype(p.dtype)
-                work = p if p.dtype == wdtype else p.to(wdtype)
+                local, local_grad = local_tensor(p), local_tensor(g)  # a sharded param: this rank's shard
+                work = local if local.dtype == wdtype else local.to(wdtype)
                 if not state:
                     self._init_state(group, work, state)
                 work_params.append(work)
-                work_grads.append(g if g.dtype == wdtype else g.to(wdtype))
+                work_grads.append(local_grad if local_grad.dtype == wdtype else local_grad.to(wdtype))
                 states.append(state)
             self._update_group(group, work_params, work_grads, states, params)
             for p, work in zip(params, work_params):
-                if work is not p:
-                    p.copy_(work)
+                local = local_tensor(p)
+                if work is not local:
+                    local.copy_(work)
         return loss
+
+
+def _extremes(g: Tensor) -> Tensor:
+    """(min, max) of g in float32; (0, 0) for an empty tensor (a rank's empty shard)."""
+    if g.numel() == 0:
+        return torch.zeros(2, dtype=torch.float32, device=g.device)
+    return torch.stack(torch.aminmax(g)).to(torch.float32)
 
 
 def _positive_int(value: Any, name: str) -> int:

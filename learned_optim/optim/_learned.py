@@ -80,10 +80,13 @@ class LearnedRuleOptimizer(PackageOptimizer):
             self._rules_on[device] = copy_rule(self.rule).to(device)
         return self._rules_on[device]
 
-    def _layout(self, rule: nn.Module, device: torch.device, sizes: tuple[int, ...]) -> Any:
-        key = (device, sizes)
+    def _layout(self, rule: nn.Module, device: torch.device, sizes: tuple[int, ...], process_group: Any = None) -> Any:
+        """The rule's layout for tensors of ``sizes`` coordinates (this rank's shards, when
+        ``process_group`` shards them: then averages are all-reduced across it)."""
+        key = (device, sizes, id(process_group))
         if key not in self._segments:
-            self._segments[key] = rule.segments(sizes, device)
+            self._segments[key] = rule.segments(sizes, device) if process_group is None \
+                else rule.segments(sizes, device, process_group=process_group)
         return self._segments[key]
 
     def state_dict(self) -> dict[str, Any]:

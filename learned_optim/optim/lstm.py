@@ -72,13 +72,16 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         state["rule_state"] = self.rule.init_state(param.numel(), device=param.device)
 
     def _update_group(self, group, params, grads, states, originals) -> None:
+        # Sharded params (FSDP2 DTensors) arrive as this rank's shards; the GAC averages are
+        # then all-reduced across the group they are sharded over, as if unsharded.
+        process_group = self._shard_group_of(originals)
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
         for device, indices in by_device.items():
             rule = self._rule_on(device)
             sizes = tuple(params[i].numel() for i in indices)
-            layout = self._layout(rule, device, sizes)
+            layout = self._layout(rule, device, sizes, process_group)
             flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
             rule_state = torch.cat([states[i]["rule_state"] for i in indices], dim=-1)
             update, new_state = rule(flat_grad, rule_state, layout)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..registry import register
 from ..rules import NTMBFGSRule
-from ._base import check_positive
+from ._base import check_positive, shard_group
 from ._learned import LearnedRuleOptimizer
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
@@ -91,6 +91,10 @@ class NTMBFGS(LearnedRuleOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
+        if any(shard_group(p) is not None for p in group["params"]):
+            raise ValueError("NTMBFGS does not support sharded parameters (FSDP / DTensor) yet: its memory's "
+                             "inner products would have to be all-reduced across the ranks; use LSTMOptimizer, "
+                             "or NTMBFGS on unsharded (e.g. DDP) parameters")
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"NTMBFGS shares one memory per param group, so a group's params must be on one "

@@ -128,27 +128,34 @@ class Segments:
 
     ``ids[i]`` is the scope of coordinate i (0 ≤ ids < count). The mean is a sum divided by
     a count, so it does not depend on the order of the coordinates (up to float rounding).
+
+    With a ``process_group``, the coordinates are this rank's shard of tensors sharded across
+    the group (FSDP): sums and counts are all-reduced, so every scope's mean is over the whole
+    tensor on every rank, as in the unsharded run. (Not differentiable: for the drop-in step.)
     """
 
-    def __init__(self, ids: Tensor | None, count: int, size: int) -> None:
+    def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None) -> None:
         self.ids, self.count, self.size = ids, count, size
+        self.process_group = process_group
+        self._global_counts: Tensor | None = None
         if ids is not None:
             # Empty scopes (zero-size tensors) gather nothing; clamping keeps their mean finite.
             self._counts = torch.bincount(ids, minlength=count).clamp_min(1)
 
     @classmethod
-    def single(cls, size: int) -> "Segments":
+    def single(cls, size: int, process_group: Any = None) -> "Segments":
         """All coordinates in one scope."""
-        return cls(None, 1, size)
+        return cls(None, 1, size, process_group)
 
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int], device: torch.device | str | None = None) -> "Segments":
+    def from_sizes(cls, sizes: Sequence[int], device: torch.device | str | None = None,
+                   process_group: Any = None) -> "Segments":
         """Consecutive scopes of the given sizes (e.g. the numel of each parameter tensor)."""
         if len(sizes) == 1:
-            return cls.single(int(sizes[0]))
+            return cls.single(int(sizes[0]), process_group)
         lengths = torch.tensor(list(sizes), dtype=torch.long, device=device)
         ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
-        return cls(ids, len(sizes), int(lengths.sum()))
+        return cls(ids, len(sizes), int(lengths.sum()), process_group)
 
     @classmethod
     def from_ids(cls, ids: Tensor, count: int) -> "Segments":
@@ -156,11 +163,30 @@ class Segments:
 
     def mean(self, x: Tensor) -> Tensor:
         """(k, N) → (k, N): every coordinate's column replaced by the mean over its scope."""
+        if self.process_group is not None:
+            return self._global_mean(x)
         if self.ids is None:
             return x.mean(dim=1, keepdim=True).expand_as(x)
         sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
         means = sums / self._counts.to(x.dtype)
         return means.index_select(1, self.ids)
+
+    def _global_mean(self, x: Tensor) -> Tensor:
+        """:meth:`mean` over the scopes' coordinates on every rank of the process group."""
+        import torch.distributed as dist
+
+        if self._global_counts is None:  # once: the scopes' sizes summed over the ranks
+            local = torch.full((1,), self.size, dtype=torch.long, device=x.device) if self.ids is None \
+                else torch.bincount(self.ids, minlength=self.count).to(x.device)
+            dist.all_reduce(local, group=self.process_group)
+            self._global_counts = local.clamp_min(1)
+        if self.ids is None:
+            sums = x.sum(dim=1, keepdim=True)
+        else:
+            sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
+        dist.all_reduce(sums, group=self.process_group)
+        means = sums / self._global_counts.to(x.dtype)
+        return means.expand_as(x) if self.ids is None else means.index_select(1, self.ids)
 
 
 class LSTMGACCore(nn.Module):
@@ -265,11 +291,13 @@ class LSTMGACRule(nn.Module):
         lstm, momentum, second_moment = state.split((cfg.lstm_rows, len(cfg.momentum_decays), cfg.rms_rows))
         return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum, second_moment
 
-    def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> Segments:
-        """The GAC scopes for a param group whose tensors have ``sizes`` coordinates."""
+    def segments(self, sizes: Sequence[int], device: torch.device | str | None = None,
+                 process_group: Any = None) -> Segments:
+        """The GAC scopes for a param group whose tensors have ``sizes`` coordinates (this rank's
+        shards of them, with the ``process_group`` they are sharded across)."""
         if self.config.gac_scope == "group":
-            return Segments.single(int(sum(sizes)))
-        return Segments.from_sizes(sizes, device)
+            return Segments.single(int(sum(sizes)), process_group)
+        return Segments.from_sizes(sizes, device, process_group)
 
     def segments_from(self, tensor_scopes: Segments, group_scopes: Segments) -> Segments:
         """The GAC scopes given both partitions of the coordinates: per tensor and per group
