@@ -40,8 +40,10 @@ def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(x @ torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3))
 
 
-def _train(name: str, model: nn.Module, shard: tuple[int, int] | None = None) -> list[torch.Tensor]:
-    """STEPS steps of ``name`` on the global batches, or on shard (rank, world) of each."""
+def _train(name: str, model: nn.Module, shard: tuple[int, int] | None = None,
+           record: dict | None = None) -> list[torch.Tensor]:
+    """STEPS steps of ``name`` on the global batches, or on shard (rank, world) of each;
+    ``record`` gets AdaptiveBatchSGD's suggested batch size."""
     optimizer = _make(name, model.parameters())
     for step in range(STEPS):
         x, y = _global_batch(step)
@@ -50,6 +52,8 @@ def _train(name: str, model: nn.Module, shard: tuple[int, int] | None = None) ->
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()  # DDP averages the ranks' gradients
         optimizer.step()
+    if record is not None and hasattr(optimizer, "suggested_batch_size"):
+        record[name] = optimizer.suggested_batch_size()
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -91,7 +95,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         for name in SHARDED:
             model = _model()
             _fully_shard()(model, mesh=mesh)
-            _train(name, model, shard=(rank, world))
+            _train(name, model, shard=(rank, world), record=results.setdefault("suggested", {}))
             results[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
         # A NaN in one rank's shard only: both ranks refuse the step (no rank is left waiting
         # in an all-reduce), naming the same parameter, and nothing changes.
@@ -172,3 +176,11 @@ def test_a_nan_in_one_shard_is_refused_on_every_rank(fsdp_results):
     messages = [results.get("nan-error", "") for results in fsdp_results]
     assert all("contains NaN or inf" in m and "parameter 0 of param group 0" in m for m in messages), messages
     assert all(results["nan-unchanged"] for results in fsdp_results)
+
+
+def test_the_suggested_batch_size_is_the_whole_models_on_every_rank(fsdp_results):
+    expected: dict = {}
+    _train("adaptive-batch-sgd", _model(), record=expected)
+    assert expected["adaptive-batch-sgd"] is not None
+    for results in fsdp_results:
+        assert results["suggested"]["adaptive-batch-sgd"] == pytest.approx(expected["adaptive-batch-sgd"], rel=1e-9)

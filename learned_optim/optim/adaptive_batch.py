@@ -292,6 +292,9 @@ class AdaptiveBatchSGD(BatchSizeMixin, PackageOptimizer):
     def suggested_batch_size(self) -> float | None:
         """λ_B·Σσ̃²/Σg̃² over all coordinates: the batch size the notes' bound favours.
 
+        With sharded parameters (FSDP2) the sums are all-reduced, so every rank gets the
+        suggestion of the whole model (call it on every rank).
+
         None until the warm-up has given every stepped parameter an estimate.
         """
         noise = torch.zeros((), dtype=torch.float64)
@@ -309,6 +312,13 @@ class AdaptiveBatchSGD(BatchSizeMixin, PackageOptimizer):
             seen = True
         if not seen:
             return None
+        group = self._shard_group_of(p for _, p, _ in self._estimates())
+        if group is not None:  # sharded params (FSDP): sum over every rank's coordinates
+            import torch.distributed as dist
+
+            totals = torch.stack((noise, signal)).to(next(p for _, p, _ in self._estimates()).device)
+            dist.all_reduce(totals, group=group)
+            noise, signal = totals.cpu()
         return float(noise / (signal + eps))
 
 
