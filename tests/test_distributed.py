@@ -1,7 +1,8 @@
 """Every registered optimizer under DistributedDataParallel (2 CPU processes, gloo) gives the
-parameters a single process gets on the same global batch; under FSDP2 (parameters sharded
-across the 2 processes, one tensor unevenly) so does every one but NTMBFGS, which refuses
-sharded parameters by name: LSTM+GAC's averages over whole tensors are all-reduced."""
+parameters a single process gets on the same global batch, and so it does under FSDP2
+(parameters sharded across the 2 processes, one tensor unevenly): LSTM+GAC's averages and
+NTM-BFGS's memory reads and inner products are all-reduced across the shards. NTM-BFGS's
+dense memory cannot be sharded and is refused by name."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _fully_shard():
     return fully_shard
 
 
-SHARDED = [n for n in NAMES if n != "ntm-bfgs"]
+SHARDED = NAMES
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -116,7 +117,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         model = _model()
         _fully_shard()(model, mesh=mesh)
         try:
-            _make("ntm-bfgs", model.parameters())
+            learned_optim.NTMBFGS(model.parameters(), memory="dense")
         except ValueError as error:
             results["ntm-bfgs-error"] = str(error)
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -158,18 +159,18 @@ def fsdp_results(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("name", SHARDED)
 def test_fsdp_matches_a_single_process_on_the_global_batch(name, fsdp_results):
-    """Float64 params; the learned rule computes in float32, where summing the GAC averages
-    shard by shard rounds differently, hence its looser tolerance (float32's, not float64's)."""
+    """Float64 params; the learned rules compute in float32, where summing their averages and
+    inner products shard by shard rounds differently, hence their looser tolerance (float32's)."""
     single = _train(name, _model())
-    tolerance = dict(rtol=1e-5, atol=1e-6) if name == "lstm-gac" else dict(rtol=1e-6, atol=1e-9)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if name in ("lstm-gac", "ntm-bfgs") else dict(rtol=1e-6, atol=1e-9)
     for rank, results in enumerate(fsdp_results):
         for p, q in zip(results[name], single):
             torch.testing.assert_close(p, q, **tolerance, msg=lambda m: f"rank {rank}: {m}")
 
 
-def test_ntm_bfgs_refuses_sharded_parameters_by_name(fsdp_results):
+def test_ntm_bfgs_refuses_a_dense_memory_on_sharded_parameters_by_name(fsdp_results):
     for results in fsdp_results:
-        assert "does not support sharded parameters" in results["ntm-bfgs-error"]
+        assert "dense memory (n × n) cannot be sharded" in results["ntm-bfgs-error"]
 
 
 def test_a_nan_in_one_shard_is_refused_on_every_rank(fsdp_results):

@@ -91,10 +91,9 @@ class NTMBFGS(LearnedRuleOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
-        if any(shard_group(p) is not None for p in group["params"]):
-            raise ValueError("NTMBFGS does not support sharded parameters (FSDP / DTensor) yet: its memory's "
-                             "inner products would have to be all-reduced across the ranks; use LSTMOptimizer, "
-                             "or NTMBFGS on unsharded (e.g. DDP) parameters")
+        if self.rule.config.memory == "dense" and any(shard_group(p) is not None for p in group["params"]):
+            raise ValueError("NTMBFGS: the dense memory (n × n) cannot be sharded across ranks, and these "
+                             "parameters are sharded (FSDP); use memory='limited' (or 'auto', which picks it)")
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"NTMBFGS shares one memory per param group, so a group's params must be on one "
@@ -107,8 +106,8 @@ class NTMBFGS(LearnedRuleOptimizer):
     def _update_group(self, group, params, grads, states, originals) -> None:
         device = params[0].device
         rule = self._rule_on(device)
-        sizes = tuple(p.numel() for p in params)
-        layout = self._layout(rule, device, sizes)
+        sizes = tuple(p.numel() for p in params)  # of this rank's shards, for sharded (FSDP) params,
+        layout = self._layout(rule, device, sizes, self._shard_group_of(originals))  # whose sums are all-reduced
         positions = {id(p): i for i, p in enumerate(group["params"])}
         covered = [positions[id(p)] for p in originals]
         owner = states[0]

@@ -277,17 +277,21 @@ class NTMBFGSRule(nn.Module):
 
     # ------------------------------------------------------------------ layout and state
 
-    def segments(self, sizes: Sequence[int], device: torch.device | str | None = None) -> NTMLayout:
-        """The layout of one param group whose tensors have ``sizes`` coordinates (one memory)."""
+    def segments(self, sizes: Sequence[int], device: torch.device | str | None = None,
+                 process_group: Any = None) -> NTMLayout:
+        """The layout of one param group whose tensors have ``sizes`` coordinates (one memory);
+        with a ``process_group``, this rank's shards of tensors sharded across it."""
         total = int(sum(sizes))
-        return self.segments_from(Segments.from_sizes(sizes, device) if sizes else Segments.single(0),
-                                  Segments.single(total))
+        return self.segments_from(Segments.from_sizes(sizes, device, process_group) if sizes
+                                  else Segments.single(0, process_group),
+                                  Segments.single(total, process_group))
 
     def segments_from(self, tensor_scopes: Segments, group_scopes: Segments) -> NTMLayout:
         """The layout given the per-tensor and per-group partitions: one memory per group."""
-        groups = MemoryGroups(group_scopes.ids, group_scopes.count, group_scopes.size)
+        groups = MemoryGroups(group_scopes.ids, group_scopes.count, group_scopes.size, group_scopes.process_group)
         cfg = self.config
-        memory = choose_memory(groups.width, cfg.memory, cfg.memory_capacity, cfg.initial_scale)
+        memory = choose_memory(groups.width, cfg.memory, cfg.memory_capacity, cfg.initial_scale,
+                               group_scopes.process_group)
         return NTMLayout(self.controller.segments_from(tensor_scopes, group_scopes), groups, memory)
 
     def init_state(self, num_coordinates: int, device: torch.device | str | None = None,

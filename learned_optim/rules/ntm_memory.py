@@ -19,11 +19,17 @@ coordinates: a param group in the optimizer, a task in the meta-trainer); heads 
 the same leading dimensions. :class:`MemoryGroups` moves flat per-coordinate vectors (k, N)
 into that (G, k, n) layout and back, and takes the per-group inner products (global dot
 products) the heads need.
+
+Sharded coordinates (FSDP: each rank holds a shard of every tensor): with a
+``process_group``, :class:`LimitedMemory` and :class:`MemoryGroups` all-reduce their inner
+products and sums across it, so every read and average is over all coordinates, as
+unsharded; the per-coordinate vectors stay sharded. The dense form cannot be sharded.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,12 +97,13 @@ class LimitedMemory:
 
     kind = "limited"
 
-    def __init__(self, capacity: int, initial_scale: float = 0.0) -> None:
+    def __init__(self, capacity: int, initial_scale: float = 0.0, process_group: Any = None) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity (K) must be a positive integer, got {capacity!r}")
         if not math.isfinite(initial_scale):
             raise ValueError(f"initial_scale must be finite, got {initial_scale!r}")
         self.capacity, self.initial_scale = capacity, float(initial_scale)
+        self.process_group = process_group  # the coordinates are shards across it: all-reduce b_kᵀ·r
 
     def init_state(self, num_coordinates: int, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None, groups: int | None = None) -> Tensor:
@@ -113,7 +120,8 @@ class LimitedMemory:
         """i = γ·r + Σ_k a_k·(b_kᵀ·r) for each read head: keys (…, R, n) → reads (…, R, n), O(K·n)."""
         _check_heads("read keys", keys, tuple(state.shape[:-3]), state.shape[-1])
         left, right = state.unbind(-3)
-        return keys * self.initial_scale + (keys @ right.mT) @ left
+        inner = _all_reduced(keys @ right.mT, self.process_group)  # b_kᵀ·r over every shard
+        return keys * self.initial_scale + inner @ left
 
     def write(self, state: Tensor, left: Tensor, right: Tensor) -> Tensor:
         """Append the W pairs (a_w, b_w), keeping the K most recent."""
@@ -133,15 +141,20 @@ class LimitedMemory:
 
 
 def choose_memory(num_coordinates: int, form: str = "auto", capacity: int = 30,
-                  initial_scale: float = 0.0) -> DenseMemory | LimitedMemory:
+                  initial_scale: float = 0.0, process_group: Any = None) -> DenseMemory | LimitedMemory:
     """The memory for n coordinates: ``"dense"``, ``"limited"``, or ``"auto"`` (dense up to
-    :data:`DENSE_MAX_COORDINATES`, where its n² floats still cost no more than 4 MB)."""
+    :data:`DENSE_MAX_COORDINATES`, where its n² floats still cost no more than 4 MB).
+
+    With a ``process_group`` (coordinates sharded across it) only the limited form works:
+    "auto" picks it, "dense" is refused."""
     if form == "auto":
-        form = "dense" if num_coordinates <= DENSE_MAX_COORDINATES else "limited"
+        form = "dense" if num_coordinates <= DENSE_MAX_COORDINATES and process_group is None else "limited"
     if form == "dense":
+        if process_group is not None:
+            raise ValueError("the dense memory (n × n) cannot be sharded across ranks; use memory='limited'")
         return DenseMemory(initial_scale)
     if form == "limited":
-        return LimitedMemory(capacity, initial_scale)
+        return LimitedMemory(capacity, initial_scale, process_group)
     raise ValueError(f"memory form must be 'auto', 'dense' or 'limited', got {form!r}")
 
 
@@ -153,9 +166,11 @@ class MemoryGroups:
     Built from per-coordinate group ids (``None``: one group of all N coordinates, no copy).
     """
 
-    def __init__(self, ids: Tensor | None, count: int, size: int) -> None:
+    def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None) -> None:
         self.count, self.size = count, size
         self.ids = ids
+        self.process_group = process_group  # sums over shards across it (FSDP)
+        self._global_counts: Tensor | None = None
         if ids is None:
             self.width = size
             return
@@ -167,6 +182,18 @@ class MemoryGroups:
         position = torch.arange(size, device=ids.device) - starts[sorted_ids]
         self._order = order  # coordinates sorted by group
         self._slots = sorted_ids * self.width + position  # their slots in the (G·n) layout
+
+    def _counts(self, like: Tensor) -> Tensor:
+        """Coordinates per group, over every shard, at least 1."""
+        if self.process_group is None:
+            counts = torch.full((1,), self.size, device=like.device) if self.ids is None \
+                else torch.bincount(self.ids, minlength=self.count)
+            return counts.clamp_min(1).to(like.dtype)
+        if self._global_counts is None:
+            local = torch.full((1,), self.size, dtype=torch.long, device=like.device) if self.ids is None \
+                else torch.bincount(self.ids, minlength=self.count).to(like.device)
+            self._global_counts = _all_reduced(local, self.process_group).clamp_min(1)
+        return self._global_counts.to(like.dtype)
 
     def gather(self, x: Tensor) -> Tensor:
         """(k, N) flat vectors → (G, k, n) per-group layout."""
@@ -184,21 +211,37 @@ class MemoryGroups:
         values = y.transpose(0, 1).reshape(k, self.count * self.width).index_select(1, self._slots)
         return values.new_zeros(k, self.size).index_copy(1, self._order, values)
 
+    def _sums(self, x: Tensor) -> Tensor:
+        """(k, N) → (k, G) per-group sums (over every shard)."""
+        sums = x.sum(dim=1, keepdim=True) if self.ids is None else \
+            torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
+        return _all_reduced(sums, self.process_group)
+
+    def _broadcast(self, per_group: Tensor, like: Tensor) -> Tensor:
+        return per_group.expand_as(like) if self.ids is None else per_group.index_select(1, self.ids)
+
     def sum(self, x: Tensor) -> Tensor:
         """(k, N) → (k, N): each coordinate's column replaced by the sum over its group."""
-        if self.ids is None:
-            return x.sum(dim=1, keepdim=True).expand_as(x)
-        sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
-        return sums.index_select(1, self.ids)
+        return self._broadcast(self._sums(x), x)
 
     def mean(self, x: Tensor) -> Tensor:
         """(k, N) → (k, N): each coordinate's column replaced by the mean over its group."""
-        if self.ids is None:
+        if self.ids is None and self.process_group is None:
             return x.mean(dim=1, keepdim=True).expand_as(x)
-        counts = torch.bincount(self.ids, minlength=self.count).clamp_min(1).to(x.dtype)
-        sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
-        return (sums / counts).index_select(1, self.ids)
+        return self._broadcast(self._sums(x) / self._counts(x), x)
 
     def dot(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-group inner products xᵀy of flat (N,) vectors, broadcast to every coordinate (N,)."""
         return self.sum((x * y).unsqueeze(0)).squeeze(0)
+
+
+def _all_reduced(x: Tensor, process_group: Any) -> Tensor:
+    """``x`` summed over the ranks of ``process_group`` (``x`` itself without one). Not
+    differentiable: sharding is for the drop-in optimizer's no-grad step."""
+    if process_group is None:
+        return x
+    import torch.distributed as dist
+
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=process_group)
+    return x
