@@ -91,7 +91,35 @@ def evaluate_dropin(rule, family, seeds: Sequence[int], steps: int) -> dict:
     }
 
 
+def _start_distributed(device: str) -> tuple[int, str]:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs);
+    returns this process's rank and the device it meta-trains on (its own GPU)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), device
+
+
 def _cmd_meta_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    rank, args.device = _start_distributed(args.device)
+    try:
+        return _meta_train(args, rank)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _meta_train(args: argparse.Namespace, rank: int) -> int:
     import json
 
     from .meta import MetaTrainConfig, MetaTrainer
@@ -111,8 +139,13 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     )
     workdir = args.workdir or f"{args.out}.run"
     trainer = MetaTrainer(config, workdir, progress=not args.no_progress)
-    print(f"meta-training {config.rule} on {config.task} ({trainer.device}); checkpoints and log in {workdir}/")
+    if rank == 0:
+        world = f", {trainer.world} processes" if trainer.world > 1 else ""
+        print(f"meta-training {config.rule} on {config.task} ({trainer.device}{world}); "
+              f"checkpoints and log in {workdir}/")
     summary = trainer.train()
+    if rank != 0:  # rank 0 evaluates and writes the weights
+        return 0
     print(f"trained {summary['episodes']} episodes ({summary['meta_steps']} meta-steps) in "
           f"{summary['train_seconds']:.0f} s; kept the weights of episode {summary['best_validation']['episode']} "
           f"(validation meta-loss {summary['best_validation']['meta_loss']:.4g}, median final loss "
@@ -131,7 +164,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     command = shlex.join(["learned-optim", *args.argv])  # copy-pasteable into a shell
     path = trainer.save_weights(args.out, {
         "task": {"family": config.task, "kwargs": {k: v for k, v in task_kwargs.items() if k != "root"}},
-        "meta_training": {**config.to_dict(), **summary, "cpu_threads": torch.get_num_threads()},
+        "meta_training": {**config.to_dict(), **summary, "cpu_threads": torch.get_num_threads(),
+                          "processes": trainer.world},
         "command": command,
         "evaluation": evaluation,
     })

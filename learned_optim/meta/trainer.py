@@ -16,6 +16,13 @@ last 10 steps: the benchmark's score).
 Seeds: episode e of a run with seed s trains on family seeds TRAIN_SEED_BASE + s·10⁸ + e·K + k;
 validation uses VALIDATION_SEED_BASE + k. Neither meets the benchmark's evaluation seeds
 (0, 1, …) or its tuning seeds (10,000, …), so evaluations are on held-out draws.
+
+Data-parallel: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), each of
+the W ranks unrolls its K/W of an episode's K tasks, the meta-gradients (and the logged
+losses) are averaged across the ranks before clipping and Adam, so every rank holds the
+same φ, the one a single process drawing all K tasks would reach (up to float rounding).
+Rank 0 alone validates (and sends the scores to the others), writes checkpoints and logs;
+the time limit follows the slowest rank.
 """
 
 from __future__ import annotations
@@ -148,7 +155,12 @@ class MetaTrainer:
                  progress: bool = True, log: Callable[[str], None] | None = print) -> None:
         self.config = config
         self.workdir = Path(workdir)
-        self.progress, self.print = progress, log or (lambda _msg: None)
+        self.rank, self.world = _distributed_rank_and_size()
+        if config.tasks_per_step % self.world:
+            raise ValueError(f"tasks_per_step ({config.tasks_per_step}) must be a multiple of the number of "
+                             f"processes ({self.world}): each unrolls an equal share of an episode's tasks")
+        self.progress = progress and self.rank == 0
+        self.print = (log or (lambda _msg: None)) if self.rank == 0 else (lambda _msg: None)
         self.device = resolve_device(config.device)
         self.family = get_family(config.task, **config.task_kwargs)
         torch.manual_seed(config.seed)
@@ -182,6 +194,8 @@ class MetaTrainer:
         return self.workdir / CHECKPOINT
 
     def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         payload = {
             "config": json.dumps(self.config.training()),
@@ -215,7 +229,8 @@ class MetaTrainer:
         self.episode, self.elapsed, self.skipped = payload["episode"], payload["elapsed"], payload["skipped"]
         self.best = json.loads(payload["best"])
         self.validated_at = payload["validated_at"]
-        self._trim_log(self.episode)
+        if self.rank == 0:
+            self._trim_log(self.episode)
         self.print(f"resumed from {path} at episode {self.episode} ({self.elapsed:.0f} s trained)")
         return True
 
@@ -231,6 +246,8 @@ class MetaTrainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -238,8 +255,11 @@ class MetaTrainer:
     # ------------------------------------------------------------------ training
 
     def _episode_seeds(self, episode: int) -> list[int]:
+        """This rank's share of episode ``episode``'s K task seeds (all K in a single process)."""
         k = self.config.tasks_per_step
-        return [TRAIN_SEED_BASE + self.config.seed * 10**8 + episode * k + i for i in range(k)]
+        share = k // self.world
+        return [TRAIN_SEED_BASE + self.config.seed * 10**8 + episode * k + i
+                for i in range(self.rank * share, (self.rank + 1) * share)]
 
     def meta_lr(self, episode: int) -> float:
         """Adam's learning rate in ``episode`` (a function of the episode: resumes stay exact)."""
@@ -263,8 +283,12 @@ class MetaTrainer:
             params = list(self.rule.parameters())
             for p, g in zip(params, result.grads):
                 p.grad = g if g is not None else torch.zeros_like(p)
+            initial = float(state.initial_losses.mean())
+            if self.world > 1:  # average gradients and losses over the ranks' shares of the tasks
+                result.meta_loss, result.final_loss, initial = _average_across_ranks(
+                    [p.grad for p in params], [result.meta_loss, result.final_loss, initial])
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)  # the norm before clipping
-            exploded = result.final_loss > cfg.explode_ratio * float(state.initial_losses.mean())
+            exploded = result.final_loss > cfg.explode_ratio * initial
             record = {"kind": "train", "episode": self.episode, "truncation": truncation,
                       "meta_loss": result.meta_loss, "grad_norm": float(norm), "final_loss": result.final_loss}
             if not (math.isfinite(result.meta_loss) and torch.isfinite(norm)) or exploded:
@@ -284,8 +308,15 @@ class MetaTrainer:
 
     def run_validation(self) -> dict[str, float]:
         self.rule.eval()
-        scores = validate(self.rule, self.family, self.validation_seeds, self.config.horizon,
-                          self.config.loss_transform, self.device)
+        if self.rank == 0:
+            scores = validate(self.rule, self.family, self.validation_seeds, self.config.horizon,
+                              self.config.loss_transform, self.device)
+        if self.world > 1:  # the others wait for rank 0's scores, so all keep the same best φ
+            import torch.distributed as dist
+
+            box = [scores if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            scores = box[0]
         key = self.config.select_by
         improved = scores[key] < self.best[key]
         if improved:
@@ -311,7 +342,7 @@ class MetaTrainer:
             start = time.perf_counter()
             losses = self.run_episode()
             self.episode += 1
-            self.elapsed += time.perf_counter() - start
+            self.elapsed += _slowest_rank(time.perf_counter() - start, self.world)
             if losses:
                 value = sum(losses) / len(losses)
                 running = value if running is None else 0.9 * running + 0.1 * value
@@ -335,3 +366,39 @@ class MetaTrainer:
         """Write the best φ as ``out.safetensors`` + ``out.json``."""
         self.rule.load_state_dict(self.best_rule)
         return save_rule(self.rule.to("cpu"), out, metadata)
+
+
+def _distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the initialized default process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_across_ranks(grads: list[Tensor], values: list[float]) -> list[float]:
+    """Average ``grads`` (in place) and ``values`` over the ranks, in one all-reduce."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor(values, dtype=grads[0].dtype,
+                                                                    device=grads[0].device)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
+def _slowest_rank(seconds: float, world: int) -> float:
+    """The longest of the ranks' ``seconds``: every rank then stops at the same episode."""
+    if world == 1:
+        return seconds
+    import torch.distributed as dist
+
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
