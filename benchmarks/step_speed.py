@@ -1,0 +1,185 @@
+"""Step time of every optimizer against torch.optim.Adam from 1e4 to 1e7 parameters, the state
+bytes per parameter, and how close the LSTM+GAC step comes to the hardware's limits.
+
+In one run, on one device (``--device``; CUDA when asked for and present):
+
+* the median ``step()`` time of ``torch.optim.Adam(foreach=True)`` and of every registered
+  optimizer at each size (parameters as in ``benchmarks/test_step_time.py``: three matrices,
+  their biases and a vector; fixed gradients), and its ratio to Adam's;
+* optimizer state bytes per parameter after stepping;
+* the hardware limits, measured in the same run: the matrix-multiply rate (a square float32
+  GEMM) and the memory bandwidth (a large copy: bytes read plus written per second);
+* for ``lstm-gac``: its floating-point work per step (the LSTM gate matrix products, output
+  and momentum layers: 2·Σ_l 4H·(in_l + H) + 2·H·(1 + M) per coordinate, the elementwise
+  work not counted) divided by the step time, as a fraction of the matmul rate; and the least
+  bytes a step must move (read the gradient, read and write the parameter and the R rows of
+  rule state per coordinate, in float32) divided by the step time, as a fraction of the
+  bandwidth.
+
+Usage: ``python benchmarks/step_speed.py --out results/step_speed`` (``--sizes 1e4 1e5`` for a
+quick run; ``--device cuda`` on a GPU; ``--skip ntm-bfgs@1e7`` leaves out a case that does not
+fit in memory, listed in the table as not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import learned_optim
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_step_time import make_optimizer, make_params, warmup_steps  # noqa: E402
+
+BASELINE = "adam-foreach"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(opt: torch.optim.Optimizer, device: torch.device, budget: float, max_rounds: int = 20) -> float:
+    """Median seconds of ``opt.step()`` over rounds until ``budget`` seconds (at least 2 rounds)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 2 or (time.perf_counter() - start < budget and len(times) < max_rounds):
+        synchronize(device)
+        t = time.perf_counter()
+        opt.step()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_rate(device: torch.device, size: int = 2048) -> float:
+    """float32 FLOP/s of a square GEMM (best of 5)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes read plus written per second by a large tensor copy (best of 5)."""
+    src = torch.empty(megabytes * 2**20 // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def lstm_work(rule) -> tuple[float, float]:
+    """(matmul FLOPs, least bytes moved) per coordinate of one LSTM+GAC step."""
+    cfg = rule.config
+    h = cfg.hidden_size
+    flops = sum(2 * w.shape[0] * w.shape[1] for w in rule.core.weights)  # (in_l + H) × 4H per layer
+    flops += 2 * h * (1 + len(cfg.momentum_decays))  # output and momentum step-size layers
+    bytes_moved = 4 * (1 + 2 + 2 * cfg.state_rows)  # grad; param read+write; state read+write
+    return float(flops), float(bytes_moved)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e5, 1e6, 1e7])
+    parser.add_argument("--optimizers", nargs="+", default=[BASELINE, *learned_optim.available()])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed steps per case (at least 2 steps)")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="NAME@SIZE",
+                        help="cases not to run (e.g. ntm-bfgs@1e7: more memory than the machine has)")
+    parser.add_argument("--out", type=Path, default=Path("results/step_speed"))
+    args = parser.parse_args(argv)
+    skipped = set()
+    for case in args.skip:
+        name, _, size = case.partition("@")
+        if not size:
+            parser.error(f"--skip takes NAME@SIZE, got {case!r}")
+        skipped.add((name, int(float(size))))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but CUDA is not available here")
+
+    start = time.perf_counter()
+    rate, bw = matmul_rate(device), bandwidth(device)
+    rows = []
+    for size in (int(s) for s in args.sizes):
+        baseline = None
+        for name in args.optimizers:
+            if (name, size) in skipped:
+                rows.append({"optimizer": name, "params": size, "skipped": True})
+                continue
+            params = [p.to(device) for p in make_params(size)]
+            params = [torch.nn.Parameter(p.detach()) for p in params]
+            for p, q in zip(params, make_params(size)):
+                p.grad = q.grad.to(device)
+            opt = make_optimizer(name, params)
+            for _ in range(warmup_steps(opt)):
+                opt.step()
+            seconds = time_steps(opt, device, args.budget)
+            row = {"optimizer": name, "params": size, "seconds": seconds,
+                   "state_bytes_per_param": state_bytes(opt) / size}
+            if name == BASELINE:
+                baseline = seconds
+            row["ratio_to_adam"] = seconds / baseline if baseline else None
+            if name == "lstm-gac":
+                flops, moved = lstm_work(opt.rule)
+                row["flop_fraction"] = flops * size / seconds / rate
+                row["bandwidth_fraction"] = moved * size / seconds / bw
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del opt, params
+    seconds = time.perf_counter() - start
+
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
+    lines = [f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv)}` ({seconds:.0f} s, torch "
+             f"{torch.__version__}, {where}). Measured in the same run: matmul {rate / 1e9:.1f} GFLOP/s "
+             f"(float32 GEMM 2048²), bandwidth {bw / 1e9:.1f} GB/s (copy, read + write).", "",
+             "| optimizer | params | step | × Adam | state bytes / param | % of matmul rate | % of bandwidth |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['optimizer']} | {r['params']:.0e} | not run (--skip) | | | | |")
+            continue
+        ms = r["seconds"] * 1e3
+        step = f"{ms:.3g} ms" if ms < 1000 else f"{r['seconds']:.3g} s"
+        flop = f"{100 * r['flop_fraction']:.1f}%" if "flop_fraction" in r else ""
+        band = f"{100 * r['bandwidth_fraction']:.1f}%" if "bandwidth_fraction" in r else ""
+        lines.append(f"| {r['optimizer']} | {r['params']:.0e} | {step} | {r['ratio_to_adam']:.2f} | "
+                     f"{r['state_bytes_per_param']:.0f} | {flop} | {band} |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_speed.md").write_text(text + "\n")
+    (args.out / "step_speed.json").write_text(json.dumps({"matmul_flops": rate, "bandwidth_bytes": bw,
+                                                          "device": where, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
