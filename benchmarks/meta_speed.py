@@ -1,0 +1,100 @@
+"""Meta-training speed: meta-steps per second of the meta-trainer on the built-in settings.
+
+One meta-step is one truncation (U = 20 inner steps of K tasks, then backprop and Adam on φ).
+For each setting, ``--episodes`` episodes (T/U meta-steps each) are timed after one warm-up
+episode, on ``--device``; validation, checkpoints and logs are not part of the time.
+
+Settings (the ones the shipped weights were trained with):
+* ``quadratic``: LSTM+GAC, the paper's 10-D quadratics, K = 128 tasks, first order;
+* ``quadratic-second-order``: the same with second-order meta-gradients;
+* ``mnist-mlp``: LSTM+GAC with momentum inputs on the MNIST MLP mix, K = 1 (needs ``--data``);
+* ``ntm-bfgs-quadratic``: NTM-BFGS on the 10-D quadratics, K = 128.
+
+Usage: ``python benchmarks/meta_speed.py --out results/meta_speed [--data ../shared/data] [--device cuda]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from learned_optim.meta import MetaTrainConfig, MetaTrainer
+
+MOMENTUM = {"momentum_decays": [0.5, 0.9, 0.99], "momentum_rms_decay": 0.99}
+
+
+def settings(data: str | None) -> dict[str, dict]:
+    out = {
+        "quadratic": dict(rule="lstm-gac", task="quadratic", tasks_per_step=128),
+        "quadratic-second-order": dict(rule="lstm-gac", task="quadratic", tasks_per_step=128, gradient="second-order"),
+        "ntm-bfgs-quadratic": dict(rule="ntm-bfgs", task="quadratic", tasks_per_step=128),
+    }
+    if data:
+        out["mnist-mlp"] = dict(rule="lstm-gac", rule_config=MOMENTUM, task="mnist-mlp-mix",
+                                task_kwargs={"root": data, "examples_per_task": 2000}, tasks_per_step=1,
+                                loss_transform="log")
+    return out
+
+
+def meta_steps_per_second(config: MetaTrainConfig, episodes: int) -> tuple[float, float]:
+    """(meta-steps per second, seconds per episode) over ``episodes`` timed episodes."""
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = MetaTrainer(config, workdir, progress=False, log=None)
+        trainer.run_episode()  # warm-up: allocator, caches, lazy state
+        trainer.episode += 1
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        start = time.perf_counter()
+        for _ in range(episodes):
+            trainer.run_episode()
+            trainer.episode += 1
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        seconds = time.perf_counter() - start
+    steps = episodes * (config.horizon // config.truncation)
+    return steps / seconds, seconds / episodes
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=None, help="directory holding mnist/ (adds the MNIST setting)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/meta_speed"))
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    rows = []
+    for name, kwargs in settings(args.data).items():
+        config = MetaTrainConfig(device=args.device, episodes=10**6, **kwargs)
+        rate, per_episode = meta_steps_per_second(config, args.episodes)
+        rows.append({"setting": name, "rule": config.rule, "tasks_per_step": config.tasks_per_step,
+                     "gradient": config.gradient, "meta_steps_per_second": rate, "seconds_per_episode": per_episode})
+        print(json.dumps(rows[-1]), flush=True)
+    seconds = time.perf_counter() - start
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv)}` ({seconds:.0f} s, torch "
+             f"{torch.__version__}, {where}). One meta-step = one truncation of 20 inner steps of K tasks.", "",
+             "| setting | rule | K | gradient | meta-steps / s | s / episode (5 meta-steps) |",
+             "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['rule']} | {r['tasks_per_step']} | {r['gradient']} | "
+                     f"{r['meta_steps_per_second']:.3g} | {r['seconds_per_episode']:.3g} |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "meta_speed.md").write_text(text + "\n")
+    (args.out / "meta_speed.json").write_text(json.dumps({"device": where, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
