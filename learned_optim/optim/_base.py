@@ -170,12 +170,12 @@ class PackageOptimizer(Optimizer):
             if len({e.device for e in extremes}) > 1:
                 extremes = [e.cpu() for e in extremes]
             finite = torch.isfinite(torch.stack(extremes)).all(dim=1)
-            group = self._shard_group_of(c[4] for c in checked)
-            if group is not None:  # sharded grads: every rank must reach the same verdict
+            shards = self._shard_group_of(c[4] for c in checked)
+            if shards is not None:  # sharded grads: every rank must reach the same verdict
                 import torch.distributed as dist
 
                 verdict = finite.to(torch.int32)
-                dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+                dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=shards)
                 finite = verdict.bool()
             finite = finite.cpu()
             if bool(finite.all()):

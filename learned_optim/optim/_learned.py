@@ -61,7 +61,7 @@ class LearnedRuleOptimizer(PackageOptimizer):
         self.weights_metadata: dict[str, Any] = meta
         self._fingerprint = rule_fingerprint(self.rule)
         self._rules_on: dict[torch.device, nn.Module] = {}
-        self._segments: dict[tuple, Any] = {}  # layouts per (device, tensor sizes): built once
+        self._segments: dict[tuple, Any] = {}  # layouts per (device, tensor sizes, shard group): built once
 
     def __getstate__(self) -> dict[str, Any]:
         """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
@@ -85,8 +85,7 @@ class LearnedRuleOptimizer(PackageOptimizer):
         ``process_group`` shards them: then averages are all-reduced across it)."""
         key = (device, sizes, id(process_group))
         if key not in self._segments:
-            self._segments[key] = rule.segments(sizes, device) if process_group is None \
-                else rule.segments(sizes, device, process_group=process_group)
+            self._segments[key] = rule.segments(sizes, device, process_group)
         return self._segments[key]
 
     def state_dict(self) -> dict[str, Any]:

@@ -130,17 +130,15 @@ class Segments:
     a count, so it does not depend on the order of the coordinates (up to float rounding).
 
     With a ``process_group``, the coordinates are this rank's shard of tensors sharded across
-    the group (FSDP): sums and counts are all-reduced, so every scope's mean is over the whole
-    tensor on every rank, as in the unsharded run. (Not differentiable: for the drop-in step.)
+    the group (FSDP): sums and counts are all-reduced, so every scope's sum and mean is over
+    the whole tensor on every rank, as in the unsharded run. (Not differentiable: for the
+    drop-in step.)
     """
 
     def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None) -> None:
         self.ids, self.count, self.size = ids, count, size
         self.process_group = process_group
-        self._global_counts: Tensor | None = None
-        if ids is not None:
-            # Empty scopes (zero-size tensors) gather nothing; clamping keeps their mean finite.
-            self._counts = torch.bincount(ids, minlength=count).clamp_min(1)
+        self._counts: Tensor | None = None  # per scope, over every rank, at least 1: made on first use
 
     @classmethod
     def single(cls, size: int, process_group: Any = None) -> "Segments":
@@ -161,32 +159,47 @@ class Segments:
     def from_ids(cls, ids: Tensor, count: int) -> "Segments":
         return cls(ids, count, ids.shape[0])
 
-    def mean(self, x: Tensor) -> Tensor:
-        """(k, N) → (k, N): every coordinate's column replaced by the mean over its scope."""
-        if self.process_group is not None:
-            return self._global_mean(x)
-        if self.ids is None:
-            return x.mean(dim=1, keepdim=True).expand_as(x)
-        sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
-        means = sums / self._counts.to(x.dtype)
-        return means.index_select(1, self.ids)
-
-    def _global_mean(self, x: Tensor) -> Tensor:
-        """:meth:`mean` over the scopes' coordinates on every rank of the process group."""
-        import torch.distributed as dist
-
-        if self._global_counts is None:  # once: the scopes' sizes summed over the ranks
-            local = torch.full((1,), self.size, dtype=torch.long, device=x.device) if self.ids is None \
-                else torch.bincount(self.ids, minlength=self.count).to(x.device)
-            dist.all_reduce(local, group=self.process_group)
-            self._global_counts = local.clamp_min(1)
+    def sums(self, x: Tensor) -> Tensor:
+        """(k, N) → (k, count): the sum over each scope (over every rank's shard)."""
         if self.ids is None:
             sums = x.sum(dim=1, keepdim=True)
         else:
             sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
-        dist.all_reduce(sums, group=self.process_group)
-        means = sums / self._global_counts.to(x.dtype)
-        return means.expand_as(x) if self.ids is None else means.index_select(1, self.ids)
+        return all_reduced(sums, self.process_group)
+
+    def counts(self, like: Tensor) -> Tensor:
+        """(count,) coordinates per scope (over every rank's shard; empty scopes count 1, so
+        their mean is 0, not NaN), in ``like``'s dtype and device."""
+        if self._counts is None:
+            local = torch.full((1,), self.size, dtype=torch.long, device=like.device) if self.ids is None \
+                else torch.bincount(self.ids, minlength=self.count).to(like.device)
+            self._counts = all_reduced(local, self.process_group).clamp_min(1)
+        return self._counts.to(like.dtype)
+
+    def _broadcast(self, per_scope: Tensor, like: Tensor) -> Tensor:
+        return per_scope.expand_as(like) if self.ids is None else per_scope.index_select(1, self.ids)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """(k, N) → (k, N): every coordinate's column replaced by the sum over its scope."""
+        return self._broadcast(self.sums(x), x)
+
+    def mean(self, x: Tensor) -> Tensor:
+        """(k, N) → (k, N): every coordinate's column replaced by the mean over its scope."""
+        if self.ids is None and self.process_group is None:
+            return x.mean(dim=1, keepdim=True).expand_as(x)
+        return self._broadcast(self.sums(x) / self.counts(x), x)
+
+
+def all_reduced(x: Tensor, process_group: Any) -> Tensor:
+    """``x`` summed over the ranks of ``process_group`` (``x`` itself without one): how the
+    rules' sums over coordinates stay global when the coordinates are sharded."""
+    if process_group is None:
+        return x
+    import torch.distributed as dist
+
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=process_group)
+    return x
 
 
 class LSTMGACCore(nn.Module):

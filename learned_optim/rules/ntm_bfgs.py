@@ -288,7 +288,7 @@ class NTMBFGSRule(nn.Module):
 
     def segments_from(self, tensor_scopes: Segments, group_scopes: Segments) -> NTMLayout:
         """The layout given the per-tensor and per-group partitions: one memory per group."""
-        groups = MemoryGroups(group_scopes.ids, group_scopes.count, group_scopes.size, group_scopes.process_group)
+        groups = MemoryGroups.from_segments(group_scopes)
         cfg = self.config
         memory = choose_memory(groups.width, cfg.memory, cfg.memory_capacity, cfg.initial_scale,
                                group_scopes.process_group)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .lstm_gac import Segments, all_reduced
+
 __all__ = ["DenseMemory", "LimitedMemory", "MemoryGroups", "choose_memory", "DENSE_MAX_COORDINATES"]
 
 #: Up to this many coordinates "auto" picks the dense form (4 MB of float32 memory at 1,024).
@@ -120,7 +122,7 @@ class LimitedMemory:
         """i = γ·r + Σ_k a_k·(b_kᵀ·r) for each read head: keys (…, R, n) → reads (…, R, n), O(K·n)."""
         _check_heads("read keys", keys, tuple(state.shape[:-3]), state.shape[-1])
         left, right = state.unbind(-3)
-        inner = _all_reduced(keys @ right.mT, self.process_group)  # b_kᵀ·r over every shard
+        inner = all_reduced(keys @ right.mT, self.process_group)  # b_kᵀ·r over every shard
         return keys * self.initial_scale + inner @ left
 
     def write(self, state: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -164,13 +166,14 @@ class MemoryGroups:
     so they never touch the other coordinates).
 
     Built from per-coordinate group ids (``None``: one group of all N coordinates, no copy).
+    Sums and means over a group are those of :class:`~learned_optim.rules.Segments` over the
+    same ids (all-reduced across ``process_group`` for sharded coordinates).
     """
 
     def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None) -> None:
         self.count, self.size = count, size
         self.ids = ids
-        self.process_group = process_group  # sums over shards across it (FSDP)
-        self._global_counts: Tensor | None = None
+        self.scopes = Segments(ids, count, size, process_group)
         if ids is None:
             self.width = size
             return
@@ -183,17 +186,10 @@ class MemoryGroups:
         self._order = order  # coordinates sorted by group
         self._slots = sorted_ids * self.width + position  # their slots in the (G·n) layout
 
-    def _counts(self, like: Tensor) -> Tensor:
-        """Coordinates per group, over every shard, at least 1."""
-        if self.process_group is None:
-            counts = torch.full((1,), self.size, device=like.device) if self.ids is None \
-                else torch.bincount(self.ids, minlength=self.count)
-            return counts.clamp_min(1).to(like.dtype)
-        if self._global_counts is None:
-            local = torch.full((1,), self.size, dtype=torch.long, device=like.device) if self.ids is None \
-                else torch.bincount(self.ids, minlength=self.count).to(like.device)
-            self._global_counts = _all_reduced(local, self.process_group).clamp_min(1)
-        return self._global_counts.to(like.dtype)
+    @classmethod
+    def from_segments(cls, scopes: Segments) -> "MemoryGroups":
+        """The groups of ``scopes`` (a partition of the coordinates, with its process group)."""
+        return cls(scopes.ids, scopes.count, scopes.size, scopes.process_group)
 
     def gather(self, x: Tensor) -> Tensor:
         """(k, N) flat vectors → (G, k, n) per-group layout."""
@@ -211,37 +207,14 @@ class MemoryGroups:
         values = y.transpose(0, 1).reshape(k, self.count * self.width).index_select(1, self._slots)
         return values.new_zeros(k, self.size).index_copy(1, self._order, values)
 
-    def _sums(self, x: Tensor) -> Tensor:
-        """(k, N) → (k, G) per-group sums (over every shard)."""
-        sums = x.sum(dim=1, keepdim=True) if self.ids is None else \
-            torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
-        return _all_reduced(sums, self.process_group)
-
-    def _broadcast(self, per_group: Tensor, like: Tensor) -> Tensor:
-        return per_group.expand_as(like) if self.ids is None else per_group.index_select(1, self.ids)
-
     def sum(self, x: Tensor) -> Tensor:
         """(k, N) → (k, N): each coordinate's column replaced by the sum over its group."""
-        return self._broadcast(self._sums(x), x)
+        return self.scopes.sum(x)
 
     def mean(self, x: Tensor) -> Tensor:
         """(k, N) → (k, N): each coordinate's column replaced by the mean over its group."""
-        if self.ids is None and self.process_group is None:
-            return x.mean(dim=1, keepdim=True).expand_as(x)
-        return self._broadcast(self._sums(x) / self._counts(x), x)
+        return self.scopes.mean(x)
 
     def dot(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-group inner products xᵀy of flat (N,) vectors, broadcast to every coordinate (N,)."""
         return self.sum((x * y).unsqueeze(0)).squeeze(0)
-
-
-def _all_reduced(x: Tensor, process_group: Any) -> Tensor:
-    """``x`` summed over the ranks of ``process_group`` (``x`` itself without one). Not
-    differentiable: sharding is for the drop-in optimizer's no-grad step."""
-    if process_group is None:
-        return x
-    import torch.distributed as dist
-
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=process_group)
-    return x
