@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task, TaskFamily
 from .trainer import TRAIN_SEED_BASE, VALIDATION_SEED_BASE
+from .unroll import gd_by_sgd_gradient
 
 __all__ = [
     "INIT_ESTIMATORS",
@@ -186,10 +187,8 @@ class InitEstimator:
             grads = torch.autograd.grad(loss, start)
         return InitEstimate(float(loss.detach()), list(grads), [p.detach() for p in adapted])
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) \
-            if dataclasses.is_dataclass(self) else ""
-        return f"{type(self).__name__}({fields})"
+    def __repr__(self) -> str:  # (dataclass estimators, like Implicit, list their settings)
+        return f"{type(self).__name__}()"
 
 
 class SecondOrder(InitEstimator):
@@ -231,7 +230,7 @@ class GDBySGD(InitEstimator):
         def direction(params: Params, t: MetaTask) -> Params:
             forward = _gradient(params, t, create_graph=False)  # g₁ on z₁: the path φ takes
             backward = _gradient(params, t, create_graph=True)  # g₂ on z₂: the Hessian backprop sees
-            return [g1.detach() + (g2 - g2.detach()) for g1, g2 in zip(forward, backward)]
+            return [gd_by_sgd_gradient(g1, g2) for g1, g2 in zip(forward, backward)]
 
         return self._through_unroll(theta, task, inner, direction)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..rules import Segments
 from ..tasks import TaskStack
 
-__all__ = ["UnrollState", "Unroll", "stack_segments", "detach_state", "GRADIENT_MODES"]
+__all__ = ["UnrollState", "Unroll", "stack_segments", "detach_state", "gd_by_sgd_gradient", "GRADIENT_MODES"]
 
 GRADIENT_MODES = ("first-order", "second-order", "gd-by-sgd")
 
@@ -50,6 +50,13 @@ def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Se
             ids.append(torch.full((p.numel(),), count if scope == "tensor" else owner, device=device, dtype=torch.long))
             count += 1 if scope == "tensor" else 0
     return Segments.from_ids(torch.cat(ids), count if scope == "tensor" else k)
+
+
+def gd_by_sgd_gradient(forward: Tensor, backward: Tensor) -> Tensor:
+    """u = g₁.detach() + (g₂ − g₂.detach()) (K. Cho): the value of minibatch z₁'s gradient
+    ``forward``, the derivative of an independent minibatch z₂'s ``backward``. Serves the
+    learned-optimizer unroll and the learned-initialization estimator alike."""
+    return forward.detach() + (backward - backward.detach())
 
 
 def detach_state(state: Tensor | tuple) -> Tensor | tuple:
@@ -125,7 +132,7 @@ class Unroll:
                 if independent:
                     _, backward = self._loss_and_grad(params, state.stream, create_graph=True, keep_graph=True)
                     backward = backward.to(self.rule.dtype)
-                    grad = grad.detach() + (backward - backward.detach())
+                    grad = gd_by_sgd_gradient(grad, backward)
                 elif not second_order:
                     grad = grad.detach()
                 history.append(losses if track else losses.detach())
