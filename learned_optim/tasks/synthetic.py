@@ -30,6 +30,11 @@ class QuadraticFamily(TaskFamily):
         w = torch.randn(self.dim, self.dim, generator=g, dtype=self.dtype)
         y = torch.randn(self.dim, generator=g, dtype=self.dtype)
         theta0 = torch.randn(self.dim, generator=g, dtype=self.dtype)
+        return self._task(w, y, theta0, seed)
+
+    @staticmethod
+    def _task(w: Tensor, y: Tensor, theta0: Tensor, seed: int) -> Task:
+        """The task ‖Wθ − y‖² from θ₀ (``stack`` batches tasks through their ``info``)."""
 
         def loss(params, batch=None):
             return (w @ params[0] - y).square().sum()
@@ -71,12 +76,7 @@ class IllConditionedQuadraticFamily(QuadraticFamily):
         w = (u * sigma) @ v.T
         y = torch.randn(self.dim, generator=g, dtype=torch.float64)
         theta0 = torch.randn(self.dim, generator=g, dtype=torch.float64)
-        w, y, theta0 = w.to(self.dtype), y.to(self.dtype), theta0.to(self.dtype)
-
-        def loss(params, batch=None):
-            return (w @ params[0] - y).square().sum()
-
-        return Task([theta0], loss, seed=seed, info={"W": w, "y": y})
+        return self._task(w.to(self.dtype), y.to(self.dtype), theta0.to(self.dtype), seed)
 
 
 @register_family("rosenbrock")
