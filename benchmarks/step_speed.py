@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             if (name, size) in skipped:
                 rows.append({"optimizer": name, "params": size, "skipped": True})
                 continue
-            params = [p.to(device) for p in make_params(size)]
-            params = [torch.nn.Parameter(p.detach()) for p in params]
-            for p, q in zip(params, make_params(size)):
+            made = make_params(size)  # on the CPU, with fixed gradients
+            params = [torch.nn.Parameter(p.detach().to(device)) for p in made]
+            for p, q in zip(params, made):
                 p.grad = q.grad.to(device)
             opt = make_optimizer(name, params)
             for _ in range(warmup_steps(opt)):
