@@ -62,12 +62,13 @@ class LearnedRuleOptimizer(PackageOptimizer):
         self._fingerprint = rule_fingerprint(self.rule)
         self._rules_on: dict[torch.device, nn.Module] = {}
         self._segments: dict[tuple, Any] = {}  # layouts per (device, tensor sizes, shard group): built once
+        self._packed: dict[tuple, tuple[Tensor, list[Tensor]]] = {}  # flat state buffers, see _packed_state
 
     def __getstate__(self) -> dict[str, Any]:
         """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
         state = super().__getstate__()
         state.update(rule=self.rule, weights_metadata=self.weights_metadata,
-                     _fingerprint=self._fingerprint, _rules_on={}, _segments={})
+                     _fingerprint=self._fingerprint, _rules_on={}, _segments={}, _packed={})
         return state
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
@@ -87,6 +88,25 @@ class LearnedRuleOptimizer(PackageOptimizer):
         if key not in self._segments:
             self._segments[key] = rule.segments(sizes, device, process_group)
         return self._segments[key]
+
+    def _packed_state(self, key: Any, states: list[dict], entry: str) -> Tensor:
+        """One (R, N) buffer whose column blocks are ``states[i][entry]`` (R, nᵢ), which become
+        views of it: the rule then steps a whole param group in place, with no cat of the
+        states before the step and no copy back after.
+
+        Packing copies once (first step, after ``load_state_dict``, or when the set of params
+        with gradients changes); later steps find the same views and reuse the buffer.
+        """
+        views = [s[entry] for s in states]
+        cached = self._packed.get(key)
+        if cached is not None and len(cached[1]) == len(views) and all(a is b for a, b in zip(cached[1], views)):
+            return cached[0]
+        buffer = torch.cat(views, dim=-1)
+        views = list(buffer.split([v.shape[-1] for v in views], dim=-1))
+        for state, view in zip(states, views):
+            state[entry] = view
+        self._packed[key] = (buffer, views)
+        return buffer
 
     def state_dict(self) -> dict[str, Any]:
         """``Optimizer.state_dict`` plus the fingerprint of the rule the states belong to."""

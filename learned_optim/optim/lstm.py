@@ -1,12 +1,14 @@
 """LSTMOptimizer: the learned LSTM+GAC update rule (Andrychowicz et al. 2016) as a drop-in
 ``torch.optim.Optimizer``.
 
-Each step flattens the gradients of a param group into one vector, runs the rule on all
-coordinates at once (:class:`~learned_optim.rules.LSTMGACRule`, under ``no_grad``) and adds
-``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's rule state (LSTM hidden
-and cell states, and momentum sums and their second moment if the weights use them) lives in
-``optimizer.state[p]["rule_state"]`` (float32, shape (rule.config.state_rows, numel)), so
-``state_dict`` round-trips like any torch optimizer's.
+Each step flattens the gradients of a param group into one vector, runs the rule over all
+coordinates in place, chunk by chunk (:meth:`~learned_optim.rules.LSTMGACRule.step_`), and
+adds ``lr`` times its output: θ_{t+1} = θ_t + lr·g_t. Every coordinate's rule state (LSTM
+hidden and cell states, and momentum sums and their second moment if the weights use them)
+lives in ``optimizer.state[p]["rule_state"]`` (float32, shape (rule.config.state_rows, numel)),
+so ``state_dict`` round-trips like any torch optimizer's. Those entries are views of one
+(rows, N) buffer per param group and device, which the rule updates in place: no state is
+concatenated or copied back per step.
 """
 
 from __future__ import annotations
@@ -82,10 +84,10 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             rule = self._rule_on(device)
             sizes = tuple(params[i].numel() for i in indices)
             layout = self._layout(rule, device, sizes, process_group)
+            rule_state = self._packed_state((id(group), device), [states[i] for i in indices], "rule_state")
             flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
-            rule_state = torch.cat([states[i]["rule_state"] for i in indices], dim=-1)
-            update, new_state = rule(flat_grad, rule_state, layout)
+            update = torch.empty_like(flat_grad)
+            rule.step_(flat_grad, rule_state, layout, update)
             targets = [params[i] for i in indices]
             updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
             torch._foreach_add_(targets, updates, alpha=group["lr"])
-            torch._foreach_copy_([states[i]["rule_state"] for i in indices], list(new_state.split(sizes, dim=-1)))

@@ -32,6 +32,8 @@ with the graph kept. There is no second copy of this math anywhere.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -46,6 +48,10 @@ __all__ = ["LSTMGACConfig", "LSTMGACCore", "LSTMGACRule", "Segments"]
 
 GAC_SCOPES = ("tensor", "group")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
+# Coordinates per chunk of the in-place step: the gates of a chunk (80 × 16384 floats, 5 MB)
+# and its layer inputs stay in the L2/L3 caches; 8k–32k ran within 10% of each other at 1e6
+# coordinates on the 2-core CI machine (benchmarks/step_speed.py --chunks).
+STEP_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -135,10 +141,15 @@ class Segments:
     drop-in step.)
     """
 
-    def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None) -> None:
+    def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None,
+                 lengths: Sequence[int] | None = None) -> None:
         self.ids, self.count, self.size = ids, count, size
         self.process_group = process_group
+        # Scope lengths when the scopes are consecutive runs of coordinates (one per tensor):
+        # lets the chunked step sum a chunk that lies in one scope without index_add.
+        self.lengths = tuple(int(n) for n in lengths) if lengths is not None else None
         self._counts: Tensor | None = None  # per scope, over every rank, at least 1: made on first use
+        self._plans: dict[int, list[tuple[int, int, int | None]]] = {}
 
     @classmethod
     def single(cls, size: int, process_group: Any = None) -> "Segments":
@@ -153,7 +164,7 @@ class Segments:
             return cls.single(int(sizes[0]), process_group)
         lengths = torch.tensor(list(sizes), dtype=torch.long, device=device)
         ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
-        return cls(ids, len(sizes), int(lengths.sum()), process_group)
+        return cls(ids, len(sizes), int(lengths.sum()), process_group, lengths=sizes)
 
     @classmethod
     def from_ids(cls, ids: Tensor, count: int) -> "Segments":
@@ -190,6 +201,39 @@ class Segments:
         return self._broadcast(self.sums(x) / self.counts(x), x)
 
 
+    def chunks(self, width: int) -> list[tuple[int, int, int | None]]:
+        """The coordinates cut into consecutive chunks [start, stop) of ``width``, each with the
+        one scope it lies in, or None if it spans several (its sums then need the ids)."""
+        if width not in self._plans:
+            ends = list(itertools.accumulate(self.lengths)) if self.lengths is not None else None
+            plan = []
+            for start in range(0, self.size, width):
+                stop = min(start + width, self.size)
+                if self.ids is None:
+                    scope = 0
+                elif ends is not None:  # the scopes holding the chunk's first and last coordinates
+                    first, last = bisect.bisect_right(ends, start), bisect.bisect_right(ends, stop - 1)
+                    scope = first if first == last else None
+                else:
+                    scope = None
+                plan.append((start, stop, scope))
+            self._plans[width] = plan
+        return self._plans[width]
+
+    def add_sums(self, sums: Tensor, x: Tensor, start: int, scope: int | None) -> None:
+        """Add the sums over each scope of the chunk ``x`` (k, n) of coordinates from ``start``
+        to ``sums`` (k, count), in place (for the chunked step; not all-reduced yet)."""
+        if scope is not None:
+            sums[:, scope] += x.sum(dim=1)
+        else:
+            sums.index_add_(1, self.ids[start : start + x.shape[1]], x)
+
+    def fill_means(self, rows: Tensor, sums: Tensor) -> None:
+        """Overwrite ``rows`` (k, N) with each coordinate's scope mean, given this rank's sums
+        (k, count) of them (all-reduced here when the coordinates are sharded)."""
+        means = all_reduced(sums, self.process_group) / self.counts(sums)
+        rows.copy_(self._broadcast(means, rows))
+
 def all_reduced(x: Tensor, process_group: Any) -> Tensor:
     """``x`` summed over the ranks of ``process_group`` (``x`` itself without one): how the
     rules' sums over coordinates stay global when the coordinates are sharded."""
@@ -200,6 +244,55 @@ def all_reduced(x: Tensor, process_group: Any) -> Tensor:
     x = x.contiguous().clone()
     dist.all_reduce(x, group=process_group)
     return x
+
+
+@dataclass(frozen=True)
+class CellBuffers:
+    """Where one chunk's LSTM layer writes in the in-place step; every field None (the
+    differentiable path): fresh tensors. ``h`` and ``c`` are views of the rule state (``c``
+    holds the old c, overwritten); the others are scratch."""
+
+    inputs: Tensor | None = None  # [x; h]: (in_l + H, n)
+    gates: Tensor | None = None  # pre-activations, then σ of them: (4H, n)
+    tanh: Tensor | None = None  # tanh(c): (H, n)
+    h: Tensor | None = None
+    c: Tensor | None = None
+
+
+NO_BUFFERS = CellBuffers()
+
+
+def lstm_cell(gates: Tensor, c: Tensor, hidden: int, out: CellBuffers = NO_BUFFERS,
+              sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
+    """The LSTM cell on pre-activations (4H, n), gate order i, f, g, o:
+
+        c ← σ(f)⊙c + σ(i)⊙tanh(g),    h = σ(o)⊙tanh(c).
+
+    The one copy of the cell's math: the chunked drop-in step passes ``out`` buffers (every op
+    writes into them; nothing is allocated), the meta-trainer none (differentiable).
+
+    ``sigmoid_tanh`` computes tanh(x) as 2σ(2x) − 1 (the g rows of ``gates`` then hold 2g, see
+    :meth:`LSTMGACCore.gate_weights`), so one sigmoid pass serves all four gates: torch's CPU
+    tanh runs at about a sixth of its sigmoid's rate. Same function, but rounded in absolute
+    terms (|error| ≤ 2.4e-7 in float32, against tanh's relative 1 ulp): near 0 it is coarser,
+    which makes float32 runs that differ only in summation order drift apart faster (measured
+    on NTM-BFGS over 12 steps: about 20×). The drop-in LSTM step uses it; the differentiable
+    path and NTM-BFGS keep torch.tanh.
+    """
+    if not sigmoid_tanh:
+        into = out.gates is not None  # activations overwrite the pre-activations in the buffer
+        input_forget, g, o = gates.split((2 * hidden, hidden, hidden))
+        i, f = torch.sigmoid(input_forget, out=input_forget if into else None).split(hidden)
+        g = torch.tanh(g, out=g if into else None)
+        o = torch.sigmoid(o, out=o if into else None)
+        c = torch.addcmul(torch.mul(f, c, out=out.c), i, g, out=out.c)
+        return torch.mul(o, torch.tanh(c, out=out.tanh), out=out.h), c
+    s = torch.sigmoid(gates, out=out.gates)
+    i, f, g, o = s.split(hidden)
+    c = torch.sub(torch.addcmul(torch.mul(f, c, out=out.c), i, g, value=2, out=out.c), i, out=out.c)  # f⊙c + i⊙(2σ_g − 1)
+    t = torch.sigmoid(torch.mul(c, 2, out=out.tanh), out=out.tanh)
+    t = torch.sub(torch.mul(t, 2, out=out.tanh), 1, out=out.tanh)
+    return torch.mul(o, t, out=out.h), c
 
 
 class LSTMGACCore(nn.Module):
@@ -228,6 +321,26 @@ class LSTMGACCore(nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(b))
 
+    def gate_weights(self, layer: int, sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
+        """Wₗᵀ (4H, in_l + H) and bₗ (4H, 1), differentiable in φ. With ``sigmoid_tanh`` the
+        cell-input gate's rows are doubled, for :func:`lstm_cell`'s tanh(x) = 2σ(2x) − 1."""
+        if not sigmoid_tanh:
+            return self.weights[layer].t(), self.biases[layer].unsqueeze(1)
+        H = self.hidden_size
+        w_if, w_g, w_o = self.weights[layer].split((2 * H, H, H), dim=1)
+        b_if, b_g, b_o = self.biases[layer].split((2 * H, H, H))
+        return torch.cat((w_if, 2 * w_g, w_o), dim=1).t(), torch.cat((b_if, 2 * b_g, b_o)).unsqueeze(1)
+
+    def layer(self, weights: tuple[Tensor, Tensor], x: Tensor, h: Tensor, c: Tensor,
+              out: CellBuffers | None = None, sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
+        """One layer's new h and c (H, n) from its input x (in_l, n) and old h, c; ``weights``
+        from :meth:`gate_weights` (with the same ``sigmoid_tanh``). With ``out`` the results go
+        into its buffers (the chunked in-place step); without, into fresh tensors (differentiable)."""
+        out = out or NO_BUFFERS
+        w_t, b = weights
+        gates = torch.addmm(b, w_t, torch.cat((x, h), dim=0, out=out.inputs), out=out.gates)
+        return lstm_cell(gates, c, self.hidden_size, out, sigmoid_tanh)
+
     def forward(self, inputs: Tensor, state: Tensor, segments: Segments) -> tuple[Tensor, Tensor]:
         """(in, N), (L, 2, H, N) → top-layer output (H, N), new state (L, 2, H, N)."""
         H, k = self.hidden_size, self.gac_cells
@@ -237,11 +350,7 @@ class LSTMGACCore(nn.Module):
         x = inputs
         new_layers = []
         for layer, (h, c) in enumerate(state.unbind(0)):
-            gates = torch.addmm(self.biases[layer].unsqueeze(1), self.weights[layer].t(), torch.cat((x, h), dim=0))
-            input_forget, cell_input, output_gate = gates.split((2 * H, H, H))
-            input_gate, forget_gate = torch.sigmoid(input_forget).split(H)
-            c = torch.addcmul(forget_gate * c, input_gate, torch.tanh(cell_input))
-            h = torch.sigmoid(output_gate) * torch.tanh(c)
+            h, c = self.layer(self.gate_weights(layer), x, h, c)
             if k:
                 averaged, local = h.split((k, H - k))
                 h = torch.cat((segments.mean(averaged), local), dim=0)
@@ -270,6 +379,7 @@ class LSTMGACRule(nn.Module):
             self.momentum_weight = nn.Parameter(torch.zeros(cfg.hidden_size, num_momenta))
             self.momentum_bias = nn.Parameter(torch.zeros(num_momenta))
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
+        self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}  # step_'s buffers
 
     def _momentum_decays(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """β_j and 1−β_j as (M, 1) tensors in ``like``'s dtype and device, made once (exactly from the config's floats)."""
@@ -331,30 +441,144 @@ class LSTMGACRule(nn.Module):
         """:meth:`forward` that also returns the top LSTM layer's output (H, N), for rules that
         use this one as a controller (NTM-BFGS drives its memory heads from it)."""
         cfg = self.config
-        if (extra.shape[0] if extra is not None else 0) != cfg.extra_inputs:
-            raise ValueError(f"the rule expects {cfg.extra_inputs} extra input rows, got "
-                             f"{0 if extra is None else extra.shape[0]}")
+        self._check_extra(extra)
         lstm_state, momentum, second_moment = self.split_state(state)
-        if cfg.momentum_decays:
-            momentum = torch.addcmul(grad.unsqueeze(0), self._momentum_decays(momentum)[0], momentum)  # m ← β·m + ∇
-            signals = torch.cat((grad.unsqueeze(0), momentum))
-        else:
-            signals = grad.unsqueeze(0)
-        features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), N)
-        if extra is not None:
-            features = torch.cat((features, extra), dim=0)
+        features, momentum, second_moment = self.signals(grad, momentum, second_moment, extra)
         top, new_lstm = self.core(features, lstm_state, segments)
-        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
+        update = self.output(top, momentum, second_moment)
         new_state = new_lstm.view(cfg.lstm_rows, -1)
         if cfg.momentum_decays:
-            step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, N)
-            directions = momentum
-            if cfg.momentum_rms_decay is not None:  # Adam-like: d_j = (1−β_j)·m_j / (√v + ε)
-                beta2 = cfg.momentum_rms_decay
-                second_moment = torch.addcmul(second_moment * beta2, grad.unsqueeze(0), grad.unsqueeze(0),
-                                              value=1 - beta2)  # v ← β₂·v + (1−β₂)·∇²
-                averages = momentum * self._momentum_decays(momentum)[1]
-                directions = averages / (second_moment.sqrt() + RMS_EPSILON)
-            update = update + (step_sizes * directions).sum(0)
             new_state = torch.cat((new_state, momentum, second_moment))
         return update, new_state, top
+
+    def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
+                in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The LSTM's inputs (preprocessed ∇ and momentum sums, then ``extra``) and the advanced
+        m ← β·m + ∇ (M, n) and v ← β₂·v + (1−β₂)·∇² (0 or 1, n); ``in_place`` writes m and v
+        into the given state views (the chunked step) instead of fresh tensors."""
+        cfg = self.config
+        g = grad.unsqueeze(0)
+        signals = g
+        if cfg.momentum_decays:
+            momentum = torch.addcmul(g, self._momentum_decays(momentum)[0], momentum,
+                                     out=momentum if in_place else None)
+            signals = torch.cat((g, momentum))
+        if cfg.momentum_rms_decay is not None:
+            beta2 = cfg.momentum_rms_decay
+            v_out = second_moment if in_place else None
+            second_moment = torch.addcmul(torch.mul(second_moment, beta2, out=v_out), g, g, value=1 - beta2, out=v_out)
+        features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), n)
+        if extra is not None:
+            features = torch.cat((features, extra), dim=0)
+        return features, momentum, second_moment
+
+    def output(self, top: Tensor, momentum: Tensor, second_moment: Tensor, out: Tensor | None = None) -> Tensor:
+        """g_t (n,) from the top layer's output (H, n) and the advanced momentum sums and v:
+        s·(wᵀh + b), plus Σ_j (u_jᵀh + c_j)·d_j with momentum directions d_j (into ``out`` if given)."""
+        cfg = self.config
+        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
+        if not cfg.momentum_decays:
+            return update if out is None else out.copy_(update)
+        step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, n)
+        directions = momentum
+        if cfg.momentum_rms_decay is not None:  # Adam-like: d_j = (1−β_j)·m_j / (√v + ε)
+            averages = momentum * self._momentum_decays(momentum)[1]
+            directions = averages / (second_moment.sqrt() + RMS_EPSILON)
+        return torch.add(update, (step_sizes * directions).sum(0), out=out)
+
+    def _check_extra(self, extra: Tensor | None) -> None:
+        rows = 0 if extra is None else extra.shape[0]
+        if rows != self.config.extra_inputs:
+            raise ValueError(f"the rule expects {self.config.extra_inputs} extra input rows, got {rows}")
+
+    @torch.no_grad()
+    def step_(self, grad: Tensor, state: Tensor, segments: Segments, out: Tensor,
+              extra: Tensor | None = None, chunk: int = STEP_CHUNK, sigmoid_tanh: bool = True) -> Tensor:
+        """:meth:`step` in place, for the drop-in optimizers (not differentiable): advances
+        ``state`` (R, N), writes g_t into ``out`` (N,) and returns the top layer's output (H, N)
+        (a view of the state).
+
+        Coordinates go through in chunks of ``chunk`` whose working set (gates, layer inputs)
+        stays in cache, with preallocated buffers: nothing of size N is allocated. Layer by
+        layer, because the global averaging cells need every chunk's layer-l output before
+        layer l + 1 runs. The math is :meth:`signals`, :meth:`LSTMGACCore.layer` and
+        :meth:`output`, shared with the differentiable path; ``sigmoid_tanh`` (default here,
+        not there) computes tanh from sigmoid, see :func:`lstm_cell`.
+        """
+        cfg, core = self.config, self.core
+        self._check_extra(extra)
+        lstm, momentum, second_moment = self.split_state(state)
+        num = state.shape[1]
+        for name, t, shape in (("grad", grad, (num,)), ("out", out, (num,))):
+            if tuple(t.shape) != shape or t.dtype != state.dtype or t.device != state.device:
+                raise ValueError(f"{name} must be a {state.dtype} tensor of shape {shape} on {state.device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if segments.size != num:
+            raise ValueError(f"segments cover {segments.size} coordinates, the state {num}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        if num == 0:
+            return lstm[-1, 0]
+        k = cfg.gac_cells
+        plan = segments.chunks(chunk)
+        scratch = self._scratch_for(state, min(chunk, num))
+        for layer in range(cfg.num_layers):
+            weights = core.gate_weights(layer, sigmoid_tanh)
+            h_all, c_all = lstm[layer]
+            sums = state.new_zeros(k, segments.count)
+            for start, stop, scope in plan:
+                width = stop - start
+                if layer == 0:
+                    x, _, _ = self.signals(grad[start:stop], momentum[:, start:stop], second_moment[:, start:stop],
+                                           None if extra is None else extra[:, start:stop], in_place=True)
+                else:
+                    x = lstm[layer - 1, 0, :, start:stop]
+                h, c = h_all[:, start:stop], c_all[:, start:stop]
+                buffers = CellBuffers(scratch.view("inputs", layer, width), scratch.view("gates", 0, width),
+                                      scratch.view("tanh", 0, width), h, c)
+                core.layer(weights, x, h, c, buffers, sigmoid_tanh)
+                if k:
+                    segments.add_sums(sums, h[:k], start, scope)
+            if k:
+                segments.fill_means(h_all[:k], sums)
+        top = lstm[-1, 0]
+        for start, stop, _ in plan:
+            self.output(top[:, start:stop], momentum[:, start:stop], second_moment[:, start:stop], out=out[start:stop])
+        return top
+
+    def _scratch_for(self, like: Tensor, width: int) -> "_Scratch":
+        """Buffers for chunks of up to ``width`` coordinates in ``like``'s dtype and device, kept
+        between steps (allocating them anew costs page faults on every step)."""
+        key = (like.dtype, like.device)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.width < width:
+            H = self.config.hidden_size
+            rows = {"inputs": [w.shape[0] for w in self.core.weights], "gates": [4 * H], "tanh": [H]}
+            scratch = _Scratch(width, {name: [like.new_empty(r * width) for r in rs] for name, rs in rows.items()},
+                               {name: rs for name, rs in rows.items()})
+            self._scratch[key] = scratch
+        return scratch
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_scratch"] = {}  # buffers, not state: a copy or pickle of the rule makes its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_scratch", {})  # a rule pickled before step_ existed
+
+
+@dataclass
+class _Scratch:
+    """Flat buffers of :meth:`LSTMGACRule.step_`, viewed as contiguous (rows, width) blocks for
+    each chunk: the same layout whatever the capacity, so results do not depend on which
+    step first sized the buffers."""
+
+    width: int
+    flat: dict[str, list[Tensor]]
+    rows: dict[str, list[int]]
+
+    def view(self, name: str, index: int, width: int) -> Tensor:
+        rows = self.rows[name][index]
+        return self.flat[name][index][: rows * width].view(rows, width)
