@@ -18,7 +18,8 @@ In one run, on one device (``--device``; CUDA when asked for and present):
 
 Usage: ``python benchmarks/step_speed.py --out results/step_speed`` (``--sizes 1e4 1e5`` for a
 quick run; ``--device cuda`` on a GPU; ``--skip ntm-bfgs@1e7`` leaves out a case that does not
-fit in memory, listed in the table as not run).
+fit in memory, listed in the table as not run; ``--lstm-chunk N`` sets LSTMOptimizer's
+``chunk_size``, to compare chunk sizes).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed steps per case (at least 2 steps)")
     parser.add_argument("--skip", nargs="*", default=[], metavar="NAME@SIZE",
                         help="cases not to run (e.g. ntm-bfgs@1e7: more memory than the machine has)")
+    parser.add_argument("--lstm-chunk", type=int, default=None, metavar="N",
+                        help="chunk_size of lstm-gac (default: the optimizer's own)")
     parser.add_argument("--out", type=Path, default=Path("results/step_speed"))
     args = parser.parse_args(argv)
     skipped = set()
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             for p, q in zip(params, made):
                 p.grad = q.grad.to(device)
             opt = make_optimizer(name, params)
+            if name == "lstm-gac" and args.lstm_chunk is not None:
+                for group in opt.param_groups:
+                    group["chunk_size"] = args.lstm_chunk
             for _ in range(warmup_steps(opt)):
                 opt.step()
             seconds = time_steps(opt, device, args.budget)
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         step = f"{ms:.3g} ms" if ms < 1000 else f"{r['seconds']:.3g} s"
         flop = f"{100 * r['flop_fraction']:.1f}%" if "flop_fraction" in r else ""
         band = f"{100 * r['bandwidth_fraction']:.1f}%" if "bandwidth_fraction" in r else ""
-        lines.append(f"| {r['optimizer']} | {r['params']:.0e} | {step} | {r['ratio_to_adam']:.2f} | "
+        ratio = f"{r['ratio_to_adam']:.2f}" if r["ratio_to_adam"] is not None else ""  # Adam not run
+        lines.append(f"| {r['optimizer']} | {r['params']:.0e} | {step} | {ratio} | "
                      f"{r['state_bytes_per_param']:.0f} | {flop} | {band} |")
     text = "\n".join(lines)
     print(text)

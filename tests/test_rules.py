@@ -254,3 +254,125 @@ def test_rule_state_of_the_wrong_shape_is_refused():
     rule = _rule()
     with pytest.raises(ValueError, match=r"rule state must have shape \(80, N\)"):
         rule(torch.zeros(3, dtype=F64), torch.zeros(2, 2, 20, 3, dtype=F64), Segments.single(3))
+
+
+# ---------------------------------------------------------------- the in-place, chunked step
+
+
+def _perturbed_rule(config: LSTMGACConfig, dtype: torch.dtype = F64) -> LSTMGACRule:
+    rule = LSTMGACRule(config, seed=1).to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # away from the initial weights, so every output layer matters
+        for p in rule.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    return rule
+
+
+def _random_inputs(rule: LSTMGACRule, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    cfg, gen, dtype = rule.config, torch.Generator().manual_seed(seed), rule.dtype
+    state = torch.randn(cfg.state_rows, n, generator=gen, dtype=dtype)
+    if cfg.momentum_rms_decay is not None:
+        state[-1].abs_()  # v ≥ 0
+    grad = torch.randn(n, generator=gen, dtype=dtype) * 10 ** (2 * torch.randn(n, generator=gen, dtype=dtype))
+    extra = torch.randn(cfg.extra_inputs, n, generator=gen, dtype=dtype) if cfg.extra_inputs else None
+    return grad, state, extra
+
+
+STEP_CONFIGS = [
+    dict(),  # the paper's rule
+    dict(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.99),  # the shipped weights' architecture
+    dict(momentum_decays=(0.9,), gac_scope="group", num_layers=3, hidden_size=7, gac_cells=3),
+    dict(extra_inputs=2, gac_cells=0),  # NTM-BFGS's controller shape, no averaging cells
+]
+
+
+@pytest.mark.parametrize("kwargs", STEP_CONFIGS)
+@pytest.mark.parametrize("chunk", [1, 7, 300, 4096])
+def test_in_place_step_is_the_differentiable_step(kwargs, chunk):
+    """step_ (chunks, buffers, states overwritten) against step (fresh tensors), float64, over
+    tensors that chunks straddle, an empty one included: same update, state and top output."""
+    rule = _perturbed_rule(LSTMGACConfig(**kwargs))
+    sizes = [5, 1000, 37, 0, 300]
+    segments = rule.segments(sizes)
+    grad, state, extra = _random_inputs(rule, sum(sizes))
+    with torch.no_grad():
+        update, new_state, top = rule.step(grad, state, segments, extra)
+    for sigmoid_tanh in (False, True):
+        in_place, out = state.clone(), torch.full_like(grad, float("nan"))
+        returned_top = rule.step_(grad, in_place, segments, out, extra, chunk=chunk, sigmoid_tanh=sigmoid_tanh)
+        torch.testing.assert_close(out, update, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(in_place, new_state, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(returned_top, top, rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_step_in_one_chunk_is_bitwise_the_differentiable_step_in_float32():
+    rule = _perturbed_rule(LSTMGACConfig(momentum_decays=(0.5, 0.9), momentum_rms_decay=0.99), torch.float32)
+    segments = rule.segments([64, 200])
+    grad, state, _ = _random_inputs(rule, 264)
+    with torch.no_grad():
+        update, new_state, _ = rule.step(grad, state, segments)
+    out = torch.empty_like(grad)
+    rule.step_(grad, state, segments, out, chunk=264, sigmoid_tanh=False)
+    assert torch.equal(out, update) and torch.equal(state, new_state)
+
+
+def test_tanh_from_sigmoid_stays_within_its_stated_float32_error():
+    """lstm_cell's 2σ(2x) − 1 against torch.tanh in float64: |error| ≤ 2.4e-7 in float32."""
+    from learned_optim.rules.lstm_gac import CellBuffers, lstm_cell
+
+    x = torch.linspace(-12, 12, 200_001)
+    gates = torch.cat((torch.zeros(2, x.numel()), 2 * x.unsqueeze(0), torch.full((1, x.numel()), 30.0)))
+    c = torch.zeros(1, x.numel())
+    h, c_new = lstm_cell(gates.clone(), c, 1, sigmoid_tanh=True)  # i = f = 1/2, o = 1: c = tanh(x)/2
+    exact = torch.tanh(x.double())
+    assert (c_new.double().squeeze(0) - exact / 2).abs().max() <= 1.2e-7
+    assert (h.double().squeeze(0) - torch.tanh(exact / 2)).abs().max() <= 2.4e-7
+    # and the buffered form writes the same values where it is told to
+    buffers = CellBuffers(gates=gates.clone(), tanh=torch.empty(1, x.numel()), h=torch.empty(1, x.numel()),
+                          c=torch.zeros(1, x.numel()))
+    h2, c2 = lstm_cell(buffers.gates, buffers.c, 1, buffers, sigmoid_tanh=True)
+    assert h2.data_ptr() == buffers.h.data_ptr() and c2.data_ptr() == buffers.c.data_ptr()
+    assert torch.equal(h2, h) and torch.equal(c2, c_new)
+
+
+def test_chunks_know_the_one_scope_they_lie_in():
+    segments = Segments.from_sizes([3, 5, 0, 4])  # scopes 0: 0–2, 1: 3–7, 2: empty, 3: 8–11
+    assert segments.chunks(3) == [(0, 3, 0), (3, 6, 1), (6, 9, None), (9, 12, 3)]
+    assert segments.chunks(12) == [(0, 12, None)]
+    assert Segments.single(5).chunks(2) == [(0, 2, 0), (2, 4, 0), (4, 5, 0)]
+    ids = torch.tensor([1, 0, 1, 0])
+    assert Segments.from_ids(ids, 2).chunks(2) == [(0, 2, None), (2, 4, None)]
+
+
+def test_chunked_averages_are_accurate_on_a_large_scope():
+    """The GAC mean of 2e6 float32 values summed chunk by chunk against float64: within a
+    few float32 ulps (index_add's one-by-one sum is about 100 times further off here)."""
+    x = torch.rand(2, 2_000_000, generator=torch.Generator().manual_seed(0)) + 0.5
+    segments = Segments.from_sizes([1_000, 1_999_000])
+    sums = torch.zeros(2, 2)
+    for start, stop, scope in segments.chunks(16384):
+        segments.add_sums(sums, x[:, start:stop], start, scope)
+    rows = torch.empty_like(x)
+    segments.fill_means(rows, sums, 16384)
+    exact = torch.stack((x[:, :1000].double().mean(1), x[:, 1000:].double().mean(1)), dim=1)
+    torch.testing.assert_close(rows[:, [0, -1]].double(), exact, rtol=5e-7, atol=0)
+
+
+def test_in_place_step_refuses_mismatched_inputs_by_name_before_changing_anything():
+    rule = _perturbed_rule(LSTMGACConfig(), torch.float32)
+    segments = rule.segments([10])
+    grad, state, _ = _random_inputs(rule, 10)
+    before = state.clone()
+    cases = [
+        (dict(grad=grad[:9]), "grad must be a torch.float32 tensor of shape \\(10,\\)"),
+        (dict(out=torch.empty(10, dtype=F64)), "out must be a torch.float32 tensor"),
+        (dict(segments=rule.segments([4, 5])), "segments cover 9 coordinates, the state 10"),
+        (dict(extra=torch.zeros(1, 10)), "expects 0 extra input rows, got 1"),
+        (dict(chunk=0), "chunk must be a positive integer"),
+        (dict(state=state[:-1]), "rule state must have shape"),
+    ]
+    for change, message in cases:
+        args = dict(grad=grad, state=state, segments=segments, out=torch.empty(10), extra=None, chunk=4) | change
+        with pytest.raises(ValueError, match=message):
+            rule.step_(**args)
+        assert torch.equal(state, before)

@@ -48,9 +48,10 @@ __all__ = ["LSTMGACConfig", "LSTMGACCore", "LSTMGACRule", "Segments"]
 
 GAC_SCOPES = ("tensor", "group")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
-# Coordinates per chunk of the in-place step: the gates of a chunk (80 × 16384 floats, 5 MB)
-# and its layer inputs stay in the L2/L3 caches; 8k–32k ran within 10% of each other at 1e6
-# coordinates on the 2-core CI machine (benchmarks/step_speed.py --chunks).
+# Coordinates per chunk of the in-place step on the CPU: the gates of a chunk (80 × 16384
+# floats, 5 MB) and its layer inputs stay in cache. At 1e6 coordinates on the 2-core CI machine
+# (benchmarks/step_speed.py --sizes 1e6 --lstm-chunk N): 4096: 320 ms, 8192: 245 ms,
+# 16384: 251 ms, 32768: 277 ms, 65536: 361 ms.
 STEP_CHUNK = 16384
 
 
@@ -228,11 +229,16 @@ class Segments:
         else:
             sums.index_add_(1, self.ids[start : start + x.shape[1]], x)
 
-    def fill_means(self, rows: Tensor, sums: Tensor) -> None:
+    def fill_means(self, rows: Tensor, sums: Tensor, width: int) -> None:
         """Overwrite ``rows`` (k, N) with each coordinate's scope mean, given this rank's sums
-        (k, count) of them (all-reduced here when the coordinates are sharded)."""
+        (k, count) of them (all-reduced here when the coordinates are sharded); chunk by chunk
+        of ``width`` as :meth:`chunks` cuts them (a chunk in one scope is a broadcast copy)."""
         means = all_reduced(sums, self.process_group) / self.counts(sums)
-        rows.copy_(self._broadcast(means, rows))
+        for start, stop, scope in self.chunks(width):
+            if scope is not None:
+                rows[:, start:stop].copy_(means[:, scope : scope + 1].expand(-1, stop - start))
+            else:
+                rows[:, start:stop].copy_(means.index_select(1, self.ids[start:stop]))
 
 def all_reduced(x: Tensor, process_group: Any) -> Tensor:
     """``x`` summed over the ranks of ``process_group`` (``x`` itself without one): how the
@@ -540,7 +546,7 @@ class LSTMGACRule(nn.Module):
                 if k:
                     segments.add_sums(sums, h[:k], start, scope)
             if k:
-                segments.fill_means(h_all[:k], sums)
+                segments.fill_means(h_all[:k], sums, chunk)
         top = lstm[-1, 0]
         for start, stop, _ in plan:
             self.output(top[:, start:stop], momentum[:, start:stop], second_moment[:, start:stop], out=out[start:stop])
