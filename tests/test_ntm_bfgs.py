@@ -275,3 +275,29 @@ def test_registered_and_exported():
     assert learned_optim.info("ntm-bfgs").cls is NTMBFGS
     with pytest.raises(TypeError, match="needs an NTMBFGSRule"):
         NTMBFGS([nn.Parameter(torch.ones(2))], weights=learned_optim.LSTMGACRule())
+
+
+@pytest.mark.parametrize("memory", ["dense", "limited"])
+@pytest.mark.parametrize("chunk", [3, 64, 4096])
+def test_in_place_step_is_the_differentiable_step(memory, chunk):
+    """step_ (controller in place, chunk by chunk) against forward, float64, learned heads
+    with perturbed weights, over three tensors: same update, state and memory for 4 steps."""
+    rule = NTMBFGSRule(NTMBFGSConfig(memory=memory), seed=3).double()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=F64))
+    sizes = [50, 7, 130]
+    layout = rule.segments(sizes)
+    coords, memory_state = rule.init_state(sum(sizes), segments=layout)
+    in_place = coords.clone()
+    memory_in_place = memory_state.clone()
+    for _ in range(4):
+        grad = torch.randn(sum(sizes), generator=gen, dtype=F64)
+        with torch.no_grad():
+            update, (coords, memory_state) = rule(grad, (coords, memory_state), layout)
+        out = torch.full_like(grad, float("nan"))
+        memory_in_place = rule.step_(grad, (in_place, memory_in_place), layout, out, chunk=chunk)
+        torch.testing.assert_close(out, update, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(in_place, coords, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(memory_in_place, memory_state, rtol=1e-10, atol=1e-12)

@@ -120,12 +120,12 @@ class NTMBFGS(LearnedRuleOptimizer):
                     other.pop("memory", None)
                     other.pop("memory_params", None)
         flat_grad = torch.cat([g.reshape(-1) for g in grads]).to(rule.dtype)
-        coords = torch.cat([s["rule_state"] for s in states], dim=-1)
+        coords = self._packed_state((id(group), device), states, "rule_state")  # stepped in place
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
-        update, (new_coords, new_memory) = rule(flat_grad, (coords, memory), layout)
+        update = torch.empty_like(flat_grad)
+        new_memory = rule.step_(flat_grad, (coords, memory), layout, update)
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
         torch._foreach_add_(params, updates, alpha=group["lr"])
-        torch._foreach_copy_([s["rule_state"] for s in states], list(new_coords.split(sizes, dim=-1)))
         owner["memory"] = new_memory
         owner["memory_params"] = covered

@@ -281,8 +281,8 @@ def lstm_cell(gates: Tensor, c: Tensor, hidden: int, out: CellBuffers = NO_BUFFE
     :meth:`LSTMGACCore.gate_weights`), so one sigmoid pass serves all four gates: torch's CPU
     tanh runs at about a sixth of its sigmoid's rate. Same function, but rounded in absolute
     terms (|error| ≤ 2.4e-7 in float32, against tanh's relative 1 ulp): near 0 it is coarser,
-    which makes float32 runs that differ only in summation order drift apart faster (measured
-    on NTM-BFGS over 12 steps: about 20×). The drop-in LSTM step uses it; the differentiable
+    which makes float32 runs that differ only in summation order drift apart faster (NTM-BFGS
+    sharded vs unsharded, 12 steps of tests/test_distributed.py: about 20× further apart). The drop-in LSTM step uses it; the differentiable
     path and NTM-BFGS keep torch.tanh.
     """
     if not sigmoid_tanh:
@@ -560,8 +560,7 @@ class LSTMGACRule(nn.Module):
         if scratch is None or scratch.width < width:
             H = self.config.hidden_size
             rows = {"inputs": [w.shape[0] for w in self.core.weights], "gates": [4 * H], "tanh": [H]}
-            scratch = _Scratch(width, {name: [like.new_empty(r * width) for r in rs] for name, rs in rows.items()},
-                               {name: rs for name, rs in rows.items()})
+            scratch = _Scratch(width, {name: [like.new_empty(r * width) for r in rs] for name, rs in rows.items()}, rows)
             self._scratch[key] = scratch
         return scratch
 

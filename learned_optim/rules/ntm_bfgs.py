@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .lstm_gac import LSTMGACConfig, LSTMGACRule, Segments
+from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule, Segments
 from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
 from .preprocess import log_sign_preprocess
 
@@ -309,19 +309,51 @@ class NTMBFGSRule(nn.Module):
 
     def forward(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """g_t and the new state ((R, N) per coordinate, memory) from flat gradients (N,)."""
-        cfg, layout = self.config, segments
+        coords, memory_state = self._checked(grad, state, segments)
+        controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
+        if self.config.detach_memory:  # cut the memory path (M and the carried ∇, r, s, i) between steps
+            memory_state, carried = memory_state.detach(), carried.detach()
+        extra = self._controller_extra(carried)
+        controller_update, new_controller, top = self.controller.step(grad, controller_state, segments.gac, extra)
+        update, new_carried, memory_state = self._heads(grad, top, controller_update, carried, memory_state, segments)
+        return update, (torch.cat((new_controller, new_carried)), memory_state)
+
+    @torch.no_grad()
+    def step_(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout, out: Tensor,
+              chunk: int = STEP_CHUNK) -> Tensor:
+        """:meth:`forward` in place, for the drop-in optimizer (not differentiable): writes g_t
+        into ``out`` (N,), advances the per-coordinate state (R, N) in place and returns the new
+        memory. The controller runs chunk by chunk in place (:meth:`LSTMGACRule.step_`, with
+        torch's tanh: the memory's inner products amplify rounding, see ``lstm_cell``); the
+        heads and memory are :meth:`forward`'s own code."""
+        coords, memory_state = self._checked(grad, state, segments)
+        controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
+        extra = self._controller_extra(carried)
+        top = self.controller.step_(grad, controller_state, segments.gac, out, extra, chunk=chunk, sigmoid_tanh=False)
+        update, new_carried, memory_state = self._heads(grad, top, out.clone(), carried, memory_state, segments)
+        carried.copy_(new_carried)
+        out.copy_(update)
+        return memory_state
+
+    def _checked(self, grad: Tensor, state: tuple[Tensor, Tensor], layout: NTMLayout) -> tuple[Tensor, Tensor]:
+        cfg = self.config
         coords, memory_state = state
         if coords.dim() != 2 or coords.shape != (cfg.state_rows, grad.shape[0]):
             raise ValueError(f"per-coordinate state must have shape ({cfg.state_rows}, {grad.shape[0]}), "
                              f"got {tuple(coords.shape)}")
-        groups, memory = layout.groups, layout.memory
-        memory.check_state(memory_state, groups.width, groups.count)
-        controller_state, carried = coords.split((cfg.controller.state_rows, _CARRIED))
-        if cfg.detach_memory:  # cut the memory path (M and the carried ∇, r, s, i) between steps
-            memory_state, carried = memory_state.detach(), carried.detach()
+        layout.memory.check_state(memory_state, layout.groups.width, layout.groups.count)
+        return coords, memory_state
+
+    def _controller_extra(self, carried: Tensor) -> Tensor:
+        """The controller's extra inputs: the preprocessed last read i_{t−1} (2, N)."""
+        return log_sign_preprocess(carried.unbind(0)[-1], self.config.controller.preprocess_p)
+
+    def _heads(self, grad: Tensor, top: Tensor, controller_update: Tensor, carried: Tensor, memory_state: Tensor,
+               layout: NTMLayout) -> tuple[Tensor, Tensor, Tensor]:
+        """Read and write heads on the memory, from the controller's top output and update:
+        g_t, the new carried rows (∇_t, r_t, s_t, i_t) (4, N) and the new memory."""
+        cfg, groups, memory = self.config, layout.groups, layout.memory
         prev_grad, prev_key, prev_step, prev_read = carried.unbind(0)
-        extra = log_sign_preprocess(prev_read, cfg.controller.preprocess_p)  # (2, N)
-        controller_update, new_controller, top = self.controller.step(grad, controller_state, layout.gac, extra)
         ctx = HeadInputs(grad, top, prev_key, prev_step, prev_read, controller_update, groups)
         key = self.heads.key(ctx)
         keys = groups.gather(key.unsqueeze(0))  # (G, 1, n)
@@ -335,5 +367,4 @@ class NTMBFGSRule(nn.Module):
             # step raised f, go halfway back instead; a line search with no function values.
             rise = groups.dot(grad + prev_grad, prev_step) > 0
             update = torch.where(rise, -0.5 * prev_step, update)
-        new_coords = torch.cat((new_controller, torch.stack((grad, key, update, read))))
-        return update, (new_coords, memory_state)
+        return update, torch.stack((grad, key, update, read)), memory_state
