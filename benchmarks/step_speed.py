@@ -17,9 +17,10 @@ In one run, on one device (``--device``; CUDA when asked for and present):
   bandwidth.
 
 Usage: ``python benchmarks/step_speed.py --out results/step_speed`` (``--sizes 1e4 1e5`` for a
-quick run; ``--device cuda`` on a GPU; ``--skip ntm-bfgs@1e7`` leaves out a case that does not
-fit in memory, listed in the table as not run; ``--lstm-chunk N`` sets LSTMOptimizer's
-``chunk_size``, to compare chunk sizes).
+quick run; ``--device cuda`` on a GPU; ``--skip NAME@SIZE`` leaves out a case (one that does
+not fit in memory, say), listed in the table as not run; ``--lstm-chunk N`` sets LSTMOptimizer's
+``chunk_size``, to compare chunk sizes; ``--profile`` adds the time per operation of one
+LSTM+GAC step at each size).
 """
 
 from __future__ import annotations
@@ -99,6 +100,19 @@ def lstm_work(rule) -> tuple[float, float]:
     return float(flops), float(bytes_moved)
 
 
+def profile_step(opt: torch.optim.Optimizer, device: torch.device, rows: int = 12) -> str:
+    """Self time per aten op of one ``step()`` (torch.profiler), the top ``rows`` of them
+    (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        opt.step()
+        synchronize(device)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows)
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
@@ -112,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed steps per case (at least 2 steps)")
     parser.add_argument("--skip", nargs="*", default=[], metavar="NAME@SIZE",
-                        help="cases not to run (e.g. ntm-bfgs@1e7: more memory than the machine has)")
+                        help="cases not to run (e.g. ntm-bfgs@1e7 on a machine without the memory for it)")
     parser.add_argument("--lstm-chunk", type=int, default=None, metavar="N",
                         help="chunk_size of lstm-gac (default: the optimizer's own)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one lstm-gac step at each size: time per aten op (profile_<size>.txt)")
     parser.add_argument("--out", type=Path, default=Path("results/step_speed"))
     args = parser.parse_args(argv)
     skipped = set()
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rate, bw = matmul_rate(device), bandwidth(device)
     rows = []
+    profiles: dict[int, str] = {}
     for size in (int(s) for s in args.sizes):
         baseline = None
         for name in args.optimizers:
@@ -158,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["bandwidth_fraction"] = moved * size / seconds / bw
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if name == "lstm-gac" and args.profile:
+                profiles[size] = profile_step(opt, device)
             del opt, params
     seconds = time.perf_counter() - start
 
@@ -183,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step_speed.md").write_text(text + "\n")
+    for size, table in profiles.items():
+        (args.out / f"profile_{size:.0e}.txt").write_text(table + "\n")
+        print(f"lstm-gac, one step at {size:.0e} params:\n{table}")
     (args.out / "step_speed.json").write_text(json.dumps({"matmul_flops": rate, "bandwidth_bytes": bw,
                                                           "device": where, "rows": rows}, indent=1))
     return 0

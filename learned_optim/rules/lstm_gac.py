@@ -318,6 +318,7 @@ class LSTMGACCore(nn.Module):
         self.num_layers, self.gac_cells = num_layers, gac_cells
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
+        self._g_doubled: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # see gate_weights
         for layer in range(num_layers):
             fan_in = (input_size if layer == 0 else hidden_size) + hidden_size
             bound = 1.0 / math.sqrt(hidden_size)
@@ -329,13 +330,21 @@ class LSTMGACCore(nn.Module):
 
     def gate_weights(self, layer: int, sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
         """Wₗᵀ (4H, in_l + H) and bₗ (4H, 1), differentiable in φ. With ``sigmoid_tanh`` the
-        cell-input gate's rows are doubled, for :func:`lstm_cell`'s tanh(x) = 2σ(2x) − 1."""
+        cell-input gate's rows are doubled (exactly), for :func:`lstm_cell`'s tanh(x) = 2σ(2x) − 1."""
+        w, b = self.weights[layer], self.biases[layer]
         if not sigmoid_tanh:
-            return self.weights[layer].t(), self.biases[layer].unsqueeze(1)
-        H = self.hidden_size
-        w_if, w_g, w_o = self.weights[layer].split((2 * H, H, H), dim=1)
-        b_if, b_g, b_o = self.biases[layer].split((2 * H, H, H))
-        return torch.cat((w_if, 2 * w_g, w_o), dim=1).t(), torch.cat((b_if, 2 * b_g, b_o)).unsqueeze(1)
+            return w.t(), b.unsqueeze(1)
+        key = (w.dtype, w.device)
+        if key not in self._g_doubled:  # 1 for the i, f, o gates, 2 for g: made once
+            H = self.hidden_size
+            self._g_doubled[key] = torch.ones(4 * H, dtype=w.dtype, device=w.device).index_fill_(
+                0, torch.arange(2 * H, 3 * H, device=w.device), 2.0)
+        scale = self._g_doubled[key]
+        return (w * scale).t(), (b * scale).unsqueeze(1)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_g_doubled", {})  # a core pickled before gate_weights cached its scale
 
     def layer(self, weights: tuple[Tensor, Tensor], x: Tensor, h: Tensor, c: Tensor,
               out: CellBuffers | None = None, sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
