@@ -21,6 +21,14 @@ def _grads(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=gen) * 0.1 for p in params]
 
 
+def _step(opt: LSTMOptimizer, step: int) -> None:
+    """Set the grads of ``opt``'s params to those of ``step`` and take the step."""
+    params = opt.param_groups[0]["params"]
+    for p, g in zip(params, _grads(step, params)):
+        p.grad = g
+    opt.step()
+
+
 def test_the_step_is_the_rules_differentiable_step_by_hand_even_when_some_grads_are_missing():
     """Five steps, the second without a grad for the matrix: the optimizer (chunked, in place,
     packed states, tanh from sigmoid) against rule.step on concatenated states."""
@@ -51,9 +59,7 @@ def test_group_states_are_views_of_one_buffer_kept_across_steps():
     params = _params()
     opt = LSTMOptimizer(params)
     for step in range(3):
-        for p, g in zip(params, _grads(step, params)):
-            p.grad = g
-        opt.step()
+        _step(opt, step)
         storages = {opt.state[p]["rule_state"].untyped_storage().data_ptr() for p in params}
         assert len(storages) == 1
         if step == 0:
@@ -67,23 +73,17 @@ def test_a_loaded_state_is_stepped_without_touching_the_optimizer_it_came_from()
     params = _params()
     source = LSTMOptimizer(params)
     for step in range(2):
-        for p, g in zip(params, _grads(step, params)):
-            p.grad = g
-        source.step()
+        _step(source, step)
     saved_state = {i: s["rule_state"].clone() for i, s in enumerate(source.state.values())}
     twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     twin = LSTMOptimizer(twin_params)
     twin.load_state_dict(source.state_dict())  # torch hands over the very tensors (no copy)
-    for p, g in zip(twin_params, _grads(2, params)):
-        p.grad = g
-    twin.step()
+    _step(twin, 2)
     for i, s in enumerate(source.state.values()):
         assert torch.equal(s["rule_state"], saved_state[i])  # the source's state is untouched
     clone = copy.deepcopy(twin)  # its params are copies, without grads
     for opt in (twin, clone):
-        for p, g in zip(opt.param_groups[0]["params"], _grads(3, params)):
-            p.grad = g
-        opt.step()
+        _step(opt, 3)
     for a, b in zip(twin.state.values(), clone.state.values()):
         assert torch.equal(a["rule_state"], b["rule_state"])
         assert a["rule_state"].untyped_storage().data_ptr() != b["rule_state"].untyped_storage().data_ptr()
