@@ -10,7 +10,8 @@ Settings (the ones the shipped weights were trained with):
 * ``mnist-mlp``: LSTM+GAC with momentum inputs on the MNIST MLP mix, K = 1 (needs ``--data``);
 * ``ntm-bfgs-quadratic``: NTM-BFGS on the 10-D quadratics, K = 128.
 
-Usage: ``python benchmarks/meta_speed.py --out results/meta_speed [--data ../shared/data] [--device cuda]``
+Usage: ``python benchmarks/meta_speed.py --out results/meta_speed [--data ../shared/data] [--device cuda]
+[--precision float32 bf16]`` (each setting once per precision: ``tf32`` needs CUDA).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from learned_optim.meta import MetaTrainConfig, MetaTrainer
+from learned_optim.meta import PRECISIONS, MetaTrainConfig, MetaTrainer
 
 MOMENTUM = {"momentum_decays": [0.5, 0.9, 0.99], "momentum_rms_decay": 0.99}
 
@@ -42,23 +43,27 @@ def settings(data: str | None) -> dict[str, dict]:
     return out
 
 
-def meta_steps_per_second(config: MetaTrainConfig, episodes: int) -> tuple[float, float]:
-    """(meta-steps per second, seconds per episode) over ``episodes`` timed episodes."""
+def meta_steps_per_second(config: MetaTrainConfig, episodes: int) -> tuple[float, float, int]:
+    """(meta-steps per second, seconds per episode, meta-steps skipped) over ``episodes`` timed
+    episodes. A meta-step whose loss is not finite or explodes is skipped and ends its episode
+    (MetaTrainer's rule); it counts as run, the rest of its episode does not."""
     with tempfile.TemporaryDirectory() as workdir:
         trainer = MetaTrainer(config, workdir, progress=False, log=None)
         trainer.run_episode()  # warm-up: allocator, caches, lazy state
         trainer.episode += 1
+        skipped_before = trainer.skipped
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         start = time.perf_counter()
+        steps = 0
         for _ in range(episodes):
-            trainer.run_episode()
+            steps += len(trainer.run_episode())
             trainer.episode += 1
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         seconds = time.perf_counter() - start
-    steps = episodes * (config.horizon // config.truncation)
-    return steps / seconds, seconds / episodes
+        skipped = trainer.skipped - skipped_before
+    return (steps + skipped) / seconds, seconds / episodes, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,27 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="directory holding mnist/ (adds the MNIST setting)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--precision", nargs="+", default=["float32"], choices=list(PRECISIONS))
     parser.add_argument("--out", type=Path, default=Path("results/meta_speed"))
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     rows = []
     for name, kwargs in settings(args.data).items():
-        config = MetaTrainConfig(device=args.device, episodes=10**6, **kwargs)
-        rate, per_episode = meta_steps_per_second(config, args.episodes)
-        rows.append({"setting": name, "rule": config.rule, "tasks_per_step": config.tasks_per_step,
-                     "gradient": config.gradient, "meta_steps_per_second": rate, "seconds_per_episode": per_episode})
-        print(json.dumps(rows[-1]), flush=True)
+        for precision in args.precision:
+            config = MetaTrainConfig(device=args.device, episodes=10**6, precision=precision, **kwargs)
+            rate, per_episode, skipped = meta_steps_per_second(config, args.episodes)
+            rows.append({"setting": name, "rule": config.rule, "tasks_per_step": config.tasks_per_step,
+                         "gradient": config.gradient, "precision": precision, "meta_steps_per_second": rate,
+                         "seconds_per_episode": per_episode, "skipped": skipped})
+            print(json.dumps(rows[-1]), flush=True)
     seconds = time.perf_counter() - start
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv)}` ({seconds:.0f} s, torch "
              f"{torch.__version__}, {where}). One meta-step = one truncation of 20 inner steps of K tasks.", "",
-             "| setting | rule | K | gradient | meta-steps / s | s / episode (5 meta-steps) |",
-             "|---|---|---:|---|---:|---:|"]
+             "| setting | rule | K | gradient | precision | meta-steps / s | s / episode (5 meta-steps) | skipped |",
+             "|---|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['rule']} | {r['tasks_per_step']} | {r['gradient']} | "
-                     f"{r['meta_steps_per_second']:.3g} | {r['seconds_per_episode']:.3g} |")
+        lines.append(f"| {r['setting']} | {r['rule']} | {r['tasks_per_step']} | {r['gradient']} | {r['precision']} | "
+                     f"{r['meta_steps_per_second']:.3g} | {r['seconds_per_episode']:.3g} | {r['skipped']} |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

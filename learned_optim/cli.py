@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__, registry
-from .meta.unroll import GRADIENT_MODES
+from .meta.unroll import GRADIENT_MODES, PRECISIONS
 from .tasks import families, get_family
 
 __all__ = ["main"]
@@ -135,7 +135,7 @@ def _meta_train(args: argparse.Namespace, rank: int) -> int:
         meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
         loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
         validation_tasks=args.validation_tasks, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, precision=args.precision,
     )
     workdir = args.workdir or f"{args.out}.run"
     trainer = MetaTrainer(config, workdir, progress=not args.no_progress)
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--gradient", default="first-order", choices=list(GRADIENT_MODES),
                         help="how the optimizee gradient enters the meta-gradient: an input (first-order), "
                              "differentiated (second-order), or differentiated on an independent minibatch (gd-by-sgd)")
+    p_meta.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                        help="float32; tf32: TF32 matrix products (CUDA); bf16: the tasks' losses under bfloat16 "
+                             "autocast (validation stays float32)")
     p_meta.add_argument("--loss-transform", default="mean", choices=["mean", "log"],
                         help="meta-loss: mean of f (the paper) or mean of log f")
     p_meta.add_argument("--select-by", default="meta_loss", choices=["meta_loss", "median_final_loss"],

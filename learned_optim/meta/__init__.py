@@ -40,13 +40,14 @@ from .trainer import (
     resolve_device,
     validate,
 )
-from .unroll import GRADIENT_MODES, Unroll, UnrollState, stack_segments
+from .unroll import GRADIENT_MODES, PRECISIONS, Unroll, UnrollState, stack_segments
 
 __all__ = [
     "CGResult",
     "FirstOrder",
     "GDBySGD",
     "GRADIENT_MODES",
+    "PRECISIONS",
     "INIT_ESTIMATORS",
     "Implicit",
     "InitEstimate",

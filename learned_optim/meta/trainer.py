@@ -44,7 +44,7 @@ from ..rules import load_rule, rule_from_config, save_rule
 from ..rules.weights import _RULES
 from ..tasks import TaskFamily, get_family
 from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, meta_loss
-from .unroll import GRADIENT_MODES, Unroll
+from .unroll import GRADIENT_MODES, PRECISIONS, Unroll, check_precision, float32_matmul_precision
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "validate", "resolve_device",
            "TRAIN_SEED_BASE", "VALIDATION_SEED_BASE"]
@@ -93,6 +93,7 @@ class MetaTrainConfig:
     explode_ratio: float = 1e4
     seed: int = 0
     device: str = "auto"
+    precision: str = "float32"  # or "tf32" (CUDA) / "bf16" (tasks under autocast): see meta.unroll; validation stays float32
 
     def __post_init__(self) -> None:
         if self.rule not in _RULES:
@@ -118,6 +119,8 @@ class MetaTrainConfig:
             raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
         if self.loss_transform not in LOSS_TRANSFORMS:
             raise ValueError(f"loss_transform must be one of {LOSS_TRANSFORMS}, got {self.loss_transform!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,7 +129,7 @@ class MetaTrainConfig:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
         keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "truncation", "tasks_per_step",
                 "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "loss_transform", "select_by", "validate_every",
-                "validation_tasks", "explode_ratio", "seed")
+                "validation_tasks", "explode_ratio", "seed", "precision")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -162,6 +165,7 @@ class MetaTrainer:
         self.progress = progress and self.rank == 0
         self.print = (log or (lambda _msg: None)) if self.rank == 0 else (lambda _msg: None)
         self.device = resolve_device(config.device)
+        check_precision(config.precision, self.device)
         self.family = get_family(config.task, **config.task_kwargs)
         torch.manual_seed(config.seed)
         self.rule = rule_from_config(config.rule, config.rule_config)
@@ -219,6 +223,7 @@ class MetaTrainer:
             return False
         payload = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(payload["config"])
+        saved.setdefault("precision", "float32")  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
             raise ValueError(f"{path} is a checkpoint of other training settings ({', '.join(diff)}); "
@@ -275,11 +280,12 @@ class MetaTrainer:
         stack = self.family.stack(self._episode_seeds(self.episode), device=self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.meta_lr(self.episode)
-        unroll = Unroll(self.rule, stack, cfg.gradient)
+        unroll = Unroll(self.rule, stack, cfg.gradient, cfg.precision)
         state = unroll.start()
         applied = []
         for truncation in range(cfg.horizon // cfg.truncation):
-            result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
+            with float32_matmul_precision(cfg.precision):  # the meta-gradient's backward pass too
+                result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
             params = list(self.rule.parameters())
             for p, g in zip(params, result.grads):
                 p.grad = g if g is not None else torch.zeros_like(p)

@@ -16,11 +16,18 @@ How the optimizee gradient ∇_t enters the graph is the ``gradient`` mode:
   so the backward path does not reuse the forward path's minibatch (whose gradient and
   Hessian are correlated). The losses f(θ_t) are those of z₁. On deterministic tasks it is
   the second-order mode. Runs without a graph (validation) draw z₁ only.
+
+``precision`` (:data:`PRECISIONS`) trades exactness for speed on GPUs: ``"tf32"`` lets float32
+matrix products inside the unroll (the tasks' and the rule's) run on TF32 tensor cores (CUDA
+only), ``"bf16"`` runs the tasks' loss evaluations under ``torch.autocast`` in bfloat16 (their
+gradients then carry bf16 rounding; the rule, its state and θ stay float32). The meta-gradient
+then differs from float32's by what tests/test_meta.py states and checks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +37,34 @@ from torch import Tensor, nn
 from ..rules import Segments
 from ..tasks import TaskStack
 
-__all__ = ["UnrollState", "Unroll", "stack_segments", "detach_state", "gd_by_sgd_gradient", "GRADIENT_MODES"]
+__all__ = ["UnrollState", "Unroll", "stack_segments", "detach_state", "gd_by_sgd_gradient", "GRADIENT_MODES",
+           "PRECISIONS", "check_precision", "float32_matmul_precision"]
 
 GRADIENT_MODES = ("first-order", "second-order", "gd-by-sgd")
+PRECISIONS = ("float32", "tf32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, by name, a precision that is unknown or that ``device`` cannot run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision 'tf32' needs a CUDA device (TF32 is a tensor-core format), got {device}")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """Within the block, float32 matrix products use TF32 if ``precision`` is "tf32" (then
+    torch's global setting is restored); otherwise they keep torch's setting."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Segments:
@@ -81,11 +113,14 @@ class UnrollState:
 class Unroll:
     """Run ``rule`` on ``stack``; ``gradient`` is one of :data:`GRADIENT_MODES`."""
 
-    def __init__(self, rule: nn.Module, stack: TaskStack, gradient: str = "first-order") -> None:
+    def __init__(self, rule: nn.Module, stack: TaskStack, gradient: str = "first-order",
+                 precision: str = "float32") -> None:
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-        self.rule, self.stack, self.gradient = rule, stack, gradient
         params = stack.initial_params
+        check_precision(precision, params[0].device)
+        self.rule, self.stack, self.gradient, self.precision = rule, stack, gradient, precision
+        self._device_type = params[0].device.type
         self.sizes = [p.numel() for p in params]
         self.segments = rule.segments_from(stack_segments("tensor", stack, params),
                                            stack_segments("group", stack, params))  # groups = tasks
@@ -94,7 +129,9 @@ class Unroll:
                        keep_graph: bool) -> tuple[Tensor, Tensor]:
         """f and ∇f at ``params``; ``keep_graph`` keeps the loss's graph for a later meta-gradient."""
         with torch.enable_grad():
-            losses = self.stack.losses(params, self.stack.sample_batch(stream))
+            with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                losses = self.stack.losses(params, self.stack.sample_batch(stream))
+            losses = losses.float() if losses.dtype == torch.bfloat16 else losses
             grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph,
                                         retain_graph=keep_graph or create_graph)
         return losses, torch.cat([g.reshape(-1) for g in grads])
@@ -103,7 +140,8 @@ class Unroll:
         """θ_0, a zero rule state, and f, ∇f at θ_0."""
         params = self.stack.init_params()
         stream = self.stack.new_stream()
-        losses, grad = self._loss_and_grad(params, stream, create_graph=False, keep_graph=False)
+        with float32_matmul_precision(self.precision):
+            losses, grad = self._loss_and_grad(params, stream, create_graph=False, keep_graph=False)
         losses = losses.detach()
         state = self.rule.init_state(grad.numel(), device=grad.device, segments=self.segments)
         return UnrollState([p.detach() for p in params], state, grad.to(self.rule.dtype), losses, stream, losses)
@@ -119,7 +157,7 @@ class Unroll:
         params = [p.detach().requires_grad_(True) for p in state.params]
         rule_state, grad = detach_state(state.rule_state), state.grad.detach()
         history = []
-        with torch.set_grad_enabled(track):
+        with torch.set_grad_enabled(track), float32_matmul_precision(self.precision):
             for _ in range(steps):
                 update, rule_state = self.rule(grad, rule_state, self.segments)
                 pieces = update.split(self.sizes)
