@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from learned_optim import LSTMOptimizer
@@ -87,3 +88,22 @@ def test_a_loaded_state_is_stepped_without_touching_the_optimizer_it_came_from()
     for a, b in zip(twin.state.values(), clone.state.values()):
         assert torch.equal(a["rule_state"], b["rule_state"])
         assert a["rule_state"].untyped_storage().data_ptr() != b["rule_state"].untyped_storage().data_ptr()
+
+
+def test_chunk_size_is_a_speed_knob_not_a_change_of_the_update():
+    runs = []
+    for chunk_size in (None, 1, 37):
+        params = _params()
+        opt = LSTMOptimizer(params, chunk_size=chunk_size)
+        for step in range(3):
+            _step(opt, step)
+        runs.append([p.detach().clone() for p in params])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_chunk_sizes_are_refused_by_name():
+    for bad in (0, -3, 2.5, True, "16"):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
+            LSTMOptimizer(_params(), chunk_size=bad)
