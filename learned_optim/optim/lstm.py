@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..registry import register
 from ..rules import LSTMGACRule
-from ..rules.lstm_gac import STEP_CHUNK
+from ..rules.lstm_gac import default_chunk
 from ._base import check_positive
 from ._learned import LearnedRuleOptimizer, rule_fingerprint
 
@@ -30,8 +30,6 @@ __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
 #: The shipped weights LSTMOptimizer loads when none are named.
 DEFAULT_WEIGHTS = "mnist"
-#: Coordinates per chunk of the in-place step on GPUs (the CPU's is rules.lstm_gac.STEP_CHUNK).
-GPU_STEP_CHUNK = 2**20
 
 
 @register(
@@ -97,7 +95,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             rule_state = self._packed_state((id(group), device), [states[i] for i in indices], "rule_state")
             flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
             update = torch.empty_like(flat_grad)
-            chunk = group["chunk_size"] or (STEP_CHUNK if device.type == "cpu" else GPU_STEP_CHUNK)
+            chunk = group["chunk_size"] or default_chunk(device)
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk)
             targets = [params[i] for i in indices]
             updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..registry import register
 from ..rules import NTMBFGSRule
+from ..rules.lstm_gac import default_chunk
 from ._base import check_positive, shard_group
 from ._learned import LearnedRuleOptimizer
 
@@ -124,7 +125,7 @@ class NTMBFGS(LearnedRuleOptimizer):
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
         update = torch.empty_like(flat_grad)
-        new_memory = rule.step_(flat_grad, (coords, memory), layout, update)
+        new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device))
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
         torch._foreach_add_(params, updates, alpha=group["lr"])
         owner["memory"] = new_memory
