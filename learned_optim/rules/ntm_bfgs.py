@@ -149,6 +149,7 @@ class HeadInputs:
     prev_read: Tensor  # i_{t−1} = M_t·r_{t−1}
     controller_update: Tensor  # u_t: the controller's own first-order step
     groups: MemoryGroups  # .dot(x, y): xᵀy over each coordinate's group
+    readout: Tensor | None = None  # learned heads' linear read-out of ``top``, made once per step on first use
 
 
 def bfgs_scalars(y: Tensor, s: Tensor, my: Tensor, groups: MemoryGroups, eps: float) -> tuple[Tensor, Tensor]:
@@ -209,11 +210,9 @@ class LearnedHeads(nn.Module):
         self.write_coefficients = nn.Parameter(alpha)  # κ_w = α_w,1·ρ + α_w,2·ρ²·yᵀMy
 
     def _outputs(self, ctx: HeadInputs) -> Tensor:
-        cache = getattr(ctx, "_readout", None)
-        if cache is None:
-            cache = torch.addmm(self.readout.bias.unsqueeze(1), self.readout.weight, ctx.top)  # (1 + W, N)
-            ctx._readout = cache  # type: ignore[attr-defined]
-        return cache
+        if ctx.readout is None:
+            ctx.readout = torch.addmm(self.readout.bias.unsqueeze(1), self.readout.weight, ctx.top)  # (1 + W, N)
+        return ctx.readout
 
     def key(self, ctx: HeadInputs) -> Tensor:
         return ctx.grad  # BFGS's key; a learned one broke the secant pairs (see the module doc)
