@@ -63,12 +63,13 @@ class LearnedRuleOptimizer(PackageOptimizer):
         self._rules_on: dict[torch.device, nn.Module] = {}
         self._segments: dict[tuple, Any] = {}  # layouts per (device, tensor sizes, shard group): built once
         self._packed: dict[tuple, tuple[Tensor, list[Tensor]]] = {}  # flat state buffers, see _packed_state
+        self._flat: dict[tuple, tuple[Tensor, Tensor]] = {}  # flat gradient and update buffers, see _flat_grad
 
     def __getstate__(self) -> dict[str, Any]:
         """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
         state = super().__getstate__()
         state.update(rule=self.rule, weights_metadata=self.weights_metadata,
-                     _fingerprint=self._fingerprint, _rules_on={}, _segments={}, _packed={})
+                     _fingerprint=self._fingerprint, _rules_on={}, _segments={}, _packed={}, _flat={})
         return state
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
@@ -107,6 +108,18 @@ class LearnedRuleOptimizer(PackageOptimizer):
             state[entry] = view
         self._packed[key] = (buffer, views)
         return buffer
+
+    def _flat_grad(self, key: Any, grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The gradients concatenated into one (N,) vector in ``dtype``, and an (N,) buffer for
+        the update: both kept between steps (a fresh N-sized tensor per step costs page faults)."""
+        size = sum(g.numel() for g in grads)
+        buffers = self._flat.get(key)
+        if buffers is None or buffers[0].numel() != size or buffers[0].dtype != dtype:
+            buffers = tuple(torch.empty(size, dtype=dtype, device=grads[0].device) for _ in range(2))
+            self._flat[key] = buffers
+        flat_grad, update = buffers
+        torch.cat([g.reshape(-1) for g in grads], out=flat_grad)
+        return flat_grad, update
 
     def state_dict(self) -> dict[str, Any]:
         """``Optimizer.state_dict`` plus the fingerprint of the rule the states belong to."""

@@ -93,8 +93,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             sizes = tuple(params[i].numel() for i in indices)
             layout = self._layout(rule, device, sizes, process_group)
             rule_state = self._packed_state((id(group), device), [states[i] for i in indices], "rule_state")
-            flat_grad = torch.cat([grads[i].reshape(-1) for i in indices]).to(rule.dtype)
-            update = torch.empty_like(flat_grad)
+            flat_grad, update = self._flat_grad((id(group), device), [grads[i] for i in indices], rule.dtype)
             chunk = group["chunk_size"] or default_chunk(device)
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk)
             targets = [params[i] for i in indices]

@@ -120,11 +120,10 @@ class NTMBFGS(LearnedRuleOptimizer):
                 if other is not None and other is not owner:
                     other.pop("memory", None)
                     other.pop("memory_params", None)
-        flat_grad = torch.cat([g.reshape(-1) for g in grads]).to(rule.dtype)
+        flat_grad, update = self._flat_grad((id(group), device), grads, rule.dtype)
         coords = self._packed_state((id(group), device), states, "rule_state")  # stepped in place
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
-        update = torch.empty_like(flat_grad)
         new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device))
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
         torch._foreach_add_(params, updates, alpha=group["lr"])
