@@ -6,16 +6,16 @@ Every optimizer is a ``torch.optim.Optimizer`` subclass, so one line replaces Ad
 """
 
 from .optim import (
+    NTMBFGS,
     AdaptiveBatchSampler,
     AdaptiveBatchSGD,
     ConjugateAdam,
     ConjugateMomentumSGD,
     LSTMOptimizer,
-    NTMBFGS,
     per_example_gradients,
 )
-from .rules import LSTMGACConfig, LSTMGACRule, NTMBFGSConfig, NTMBFGSRule, available_weights
 from .registry import OptimizerInfo, available, create, info, register
+from .rules import LSTMGACConfig, LSTMGACRule, NTMBFGSConfig, NTMBFGSRule, available_weights
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 __all__ = ["OptimizerInfo", "register", "create", "available", "info"]
 
-_REGISTRY: dict[str, "OptimizerInfo"] = {}
+_REGISTRY: dict[str, OptimizerInfo] = {}
 
 T = TypeVar("T", bound=type[Optimizer])
 

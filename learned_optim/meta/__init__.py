@@ -14,7 +14,7 @@ Learned initializations (the MAML family) have their own estimators of ∂L_test
 :class:`GDBySGD` and :class:`Implicit` (iMAML), driven by :class:`MAML`.
 """
 
-from .memory import peak_memory
+from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, TruncationResult, meta_loss
 from .initialization import (
     INIT_ESTIMATORS,
     MAML,
@@ -31,7 +31,7 @@ from .initialization import (
     conjugate_gradient,
     get_estimator,
 )
-from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, TruncationResult, meta_loss
+from .memory import peak_memory
 from .trainer import (
     TRAIN_SEED_BASE,
     VALIDATION_SEED_BASE,

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +101,7 @@ class InnerSGD:
             params = [p - self.lr * u for p, u in zip(params, direction(params, task))]
         return params
 
-    def solve(self, start: Params, task: MetaTask) -> Params:
+    def solve(self, start: Sequence[Tensor], task: MetaTask) -> Params:
         """φ after ``steps`` plain SGD steps, no graph kept (for the first-order and implicit estimators)."""
         params = [p.detach() for p in start]
         for _ in range(self.steps):
@@ -126,7 +126,7 @@ class InnerOptimizer:
         if not callable(self.factory):
             raise TypeError(f"factory must be callable (params -> torch.optim.Optimizer), got {self.factory!r}")
 
-    def solve(self, start: Params, task: MetaTask) -> Params:
+    def solve(self, start: Sequence[Tensor], task: MetaTask) -> Params:
         params = [p.detach().clone().requires_grad_(True) for p in start]
         optimizer = self.factory(params)
         for _ in range(self.steps):
@@ -137,7 +137,8 @@ class InnerOptimizer:
                 return loss
 
             with torch.enable_grad():
-                optimizer.step(closure)
+                # torch types the closure as returning a float; returning the loss tensor is the norm
+                optimizer.step(closure)  # type: ignore[arg-type]
         return [p.detach() for p in params]
 
 
@@ -197,8 +198,9 @@ class SecondOrder(InitEstimator):
     name = "second-order"
 
     def estimate(self, theta: Sequence[Tensor], task: MetaTask, inner: InnerLoop) -> InitEstimate:
-        self._require_differentiable(inner)
-        return self._through_unroll(theta, task, inner, lambda p, t: _gradient(p, t, create_graph=True))
+        self._require_differentiable(inner)  # so an InnerSGD (a loop with ``unroll``)
+        return self._through_unroll(theta, task, cast(InnerSGD, inner),
+                                    lambda p, t: _gradient(p, t, create_graph=True))
 
 
 class FirstOrder(InitEstimator):
@@ -232,7 +234,7 @@ class GDBySGD(InitEstimator):
             backward = _gradient(params, t, create_graph=True)  # g₂ on z₂: the Hessian backprop sees
             return [gd_by_sgd_gradient(g1, g2) for g1, g2 in zip(forward, backward)]
 
-        return self._through_unroll(theta, task, inner, direction)
+        return self._through_unroll(theta, task, cast(InnerSGD, inner), direction)  # differentiable, as checked
 
 
 @dataclass
@@ -405,7 +407,8 @@ class MAML:
         """ℓ(φ; batch) of ``task`` for parameters φ shaped like θ₀."""
         if self.model is None:
             return task.loss
-        model, names, criterion = self.model, self.names, self.family.criterion
+        # The family's criterion (checked in __init__; TaskFamily does not declare it).
+        model, names, criterion = self.model, self.names, cast(Any, self.family).criterion
 
         def loss(params: Sequence[Tensor], batch: Batch) -> Tensor:
             x, y = batch

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -155,7 +155,8 @@ class MetaTrainer:
     """Meta-trains a rule per a :class:`MetaTrainConfig`, writing checkpoints and a log in ``workdir``."""
 
     def __init__(self, config: MetaTrainConfig, workdir: str | os.PathLike,
-                 progress: bool = True, log: Callable[[str], None] | None = print) -> None:
+                 progress: bool = True, log: Callable[[str], None] | None = print,
+                 family: TaskFamily | None = None) -> None:
         self.config = config
         self.workdir = Path(workdir)
         self.rank, self.world = _distributed_rank_and_size()
@@ -166,7 +167,8 @@ class MetaTrainer:
         self.print = (log or (lambda _msg: None)) if self.rank == 0 else (lambda _msg: None)
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
-        self.family = get_family(config.task, **config.task_kwargs)
+        # ``family`` (e.g. a ModuleFamily of the user's own model) replaces config.task's lookup.
+        self.family = family if family is not None else get_family(config.task, **config.task_kwargs)
         torch.manual_seed(config.seed)
         self.rule = rule_from_config(config.rule, config.rule_config)
         if config.init_weights is not None:
@@ -183,12 +185,20 @@ class MetaTrainer:
         self.validation_seeds = [VALIDATION_SEED_BASE + k for k in range(config.validation_tasks)]
 
     def _warm_start(self, weights: str) -> None:
-        """φ from ``weights``: the same rule's weights, or LSTM+GAC ones for NTM-BFGS's controller."""
+        """φ from ``weights``: the same rule's weights (and, with no ``rule_config`` given, its
+        config), or LSTM+GAC ones for NTM-BFGS's controller."""
         start, _ = load_rule(weights)
-        if start.name == self.rule.name:
-            self.rule.load_state_dict(start.state_dict())
+        if start.name == self.rule.name and not self.config.rule_config:
+            self.rule = start  # the weights' own config: what "start from these weights" means
+        elif start.name == self.rule.name:
+            try:
+                self.rule.load_state_dict(start.state_dict())
+            except RuntimeError as error:
+                raise ValueError(f"init weights {weights!r} do not fit the rule config given "
+                                 f"({self.config.rule_config}); leave the rule config empty to take theirs "
+                                 f"({str(error).splitlines()[0]})") from None
         elif hasattr(self.rule, "load_controller") and start.name == "lstm-gac":
-            self.rule.load_controller(start)
+            cast(Any, self.rule).load_controller(start)  # a rule method nn.Module's typing does not know
         else:
             raise ValueError(f"cannot start a {self.rule.name!r} rule from {start.name!r} weights ({weights})")
 
@@ -292,7 +302,8 @@ class MetaTrainer:
             initial = float(state.initial_losses.mean())
             if self.world > 1:  # average gradients and losses over the ranks' shares of the tasks
                 result.meta_loss, result.final_loss, initial = _average_across_ranks(
-                    [p.grad for p in params], [result.meta_loss, result.final_loss, initial])
+                    [cast(Tensor, p.grad) for p in params],  # every grad was set just above
+                    [result.meta_loss, result.final_loss, initial])
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)  # the norm before clipping
             exploded = result.final_loss > cfg.explode_ratio * initial
             record = {"kind": "train", "episode": self.episode, "truncation": truncation,
@@ -322,7 +333,7 @@ class MetaTrainer:
 
             box = [scores if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
-            scores = box[0]
+            scores = cast("dict[str, float]", box[0])  # rank 0's, filled in by the broadcast
         key = self.config.select_by
         improved = scores[key] < self.best[key]
         if improved:

@@ -73,11 +73,14 @@ def stack_segments(scope: str, stack: TaskStack, params: Sequence[Tensor]) -> Se
     ids, count = [], 0
     for p, owner in zip(params, stack.param_tasks):
         device = p.device
-        if owner is None:  # stacked: leading dimension is the task
-            per_task = p.numel() // k
-            rows = torch.arange(k, device=device).repeat_interleave(per_task)
-            ids.append(rows + count if scope == "tensor" else rows)
-            count += k if scope == "tensor" else 0
+        if owner is None or isinstance(owner, tuple):  # stacked: leading dimension is the task
+            members = torch.arange(k, device=device) if owner is None else torch.tensor(owner, device=device)
+            per_task = p.numel() // len(members)
+            if scope == "tensor":
+                ids.append(torch.arange(len(members), device=device).repeat_interleave(per_task) + count)
+                count += len(members)
+            else:
+                ids.append(members.repeat_interleave(per_task))
         else:
             ids.append(torch.full((p.numel(),), count if scope == "tensor" else owner, device=device, dtype=torch.long))
             count += 1 if scope == "tensor" else 0
@@ -113,6 +116,10 @@ class UnrollState:
 class Unroll:
     """Run ``rule`` on ``stack``; ``gradient`` is one of :data:`GRADIENT_MODES`."""
 
+    # An nn.Module with the rule interface (``segments_from``, ``init_state``, ``dtype``; see
+    # learned_optim.rules), which nn.Module's typing cannot express.
+    rule: Any
+
     def __init__(self, rule: nn.Module, stack: TaskStack, gradient: str = "first-order",
                  precision: str = "float32") -> None:
         if gradient not in GRADIENT_MODES:
@@ -122,7 +129,7 @@ class Unroll:
         self.rule, self.stack, self.gradient, self.precision = rule, stack, gradient, precision
         self._device_type = params[0].device.type
         self.sizes = [p.numel() for p in params]
-        self.segments = rule.segments_from(stack_segments("tensor", stack, params),
+        self.segments = self.rule.segments_from(stack_segments("tensor", stack, params),
                                            stack_segments("group", stack, params))  # groups = tasks
 
     def _loss_and_grad(self, params: list[Tensor], stream: Any, create_graph: bool,

@@ -1,8 +1,6 @@
 """The drop-in optimizers: functional update cores and thin ``torch.optim.Optimizer`` classes."""
 
 from .adaptive_batch import AdaptiveBatchSampler, AdaptiveBatchSGD, adaptive_batch_sgd
-from .lstm import DEFAULT_WEIGHTS, LSTMOptimizer
-from .ntm import NTM_DEFAULT_WEIGHTS, NTMBFGS
 from .conjugate import (
     ConjugateAdam,
     ConjugateMomentumSGD,
@@ -11,6 +9,8 @@ from .conjugate import (
     conjugate_momentum_sgd,
     per_example_gradients,
 )
+from .lstm import DEFAULT_WEIGHTS, LSTMOptimizer
+from .ntm import NTM_DEFAULT_WEIGHTS, NTMBFGS
 
 __all__ = [
     "AdaptiveBatchSGD",

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["PackageOptimizer", "BatchSizeMixin", "check_batch_size", "check_positive", "working_dtype",
            "local_tensor", "shard_group"]
@@ -22,16 +25,17 @@ __all__ = ["PackageOptimizer", "BatchSizeMixin", "check_batch_size", "check_posi
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-_DTENSOR: list = []  # [DTensor class or None], filled on first use
+_DTENSOR: list[type[DTensor] | None] = []  # [DTensor class or None], filled on first use
 
 
-def _dtensor_class() -> type | None:
+def _dtensor_class() -> type[DTensor] | None:
     if not _DTENSOR:
+        dtensor: type[DTensor] | None
         try:
-            from torch.distributed.tensor import DTensor
+            from torch.distributed.tensor import DTensor as dtensor
         except ImportError:  # torch without distributed, or before DTensor was public
-            DTensor = None
-        _DTENSOR.append(DTensor)
+            dtensor = None
+        _DTENSOR.append(dtensor)
     return _DTENSOR[0]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,7 +43,11 @@ class LearnedRuleOptimizer(PackageOptimizer):
     float32, whatever the param's dtype).
     """
 
-    rule_class: type[nn.Module]
+    # A rule is an nn.Module with the interface learned_optim.rules describes (``name``, ``dtype``,
+    # ``segments``, ``init_state``, ...), which nn.Module's typing cannot express: the base holds
+    # it as Any; subclasses declare their rule's class (e.g. LSTMOptimizer's ``rule: LSTMGACRule``).
+    rule_class: type[Any]
+    rule: Any
     rule_state_keys: tuple[str, ...] = ("rule_state",)
 
     def _load(self, weights: str | os.PathLike | nn.Module | None, seed: int,
@@ -60,7 +64,7 @@ class LearnedRuleOptimizer(PackageOptimizer):
         self.rule = rule.to(torch.float32)
         self.weights_metadata: dict[str, Any] = meta
         self._fingerprint = rule_fingerprint(self.rule)
-        self._rules_on: dict[torch.device, nn.Module] = {}
+        self._rules_on: dict[torch.device, Any] = {}
         self._segments: dict[tuple, Any] = {}  # layouts per (device, tensor sizes, shard group): built once
         self._packed: dict[tuple, tuple[Tensor, list[Tensor]]] = {}  # flat state buffers, see _packed_state
         self._flat: dict[tuple, tuple[Tensor, Tensor]] = {}  # flat gradient and update buffers, see _flat_grad
@@ -75,14 +79,14 @@ class LearnedRuleOptimizer(PackageOptimizer):
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
         return self.rule.dtype if key in self.rule_state_keys else super()._state_dtype(param, key)
 
-    def _rule_on(self, device: torch.device) -> nn.Module:
+    def _rule_on(self, device: torch.device) -> Any:
         if device == self.rule.device:
             return self.rule
         if device not in self._rules_on:
             self._rules_on[device] = copy_rule(self.rule).to(device)
         return self._rules_on[device]
 
-    def _layout(self, rule: nn.Module, device: torch.device, sizes: tuple[int, ...], process_group: Any = None) -> Any:
+    def _layout(self, rule: Any, device: torch.device, sizes: tuple[int, ...], process_group: Any = None) -> Any:
         """The rule's layout for tensors of ``sizes`` coordinates (this rank's shards, when
         ``process_group`` shards them: then averages are all-reduced across it)."""
         key = (device, sizes, id(process_group))
@@ -115,7 +119,8 @@ class LearnedRuleOptimizer(PackageOptimizer):
         size = sum(g.numel() for g in grads)
         buffers = self._flat.get(key)
         if buffers is None or buffers[0].numel() != size or buffers[0].dtype != dtype:
-            buffers = tuple(torch.empty(size, dtype=dtype, device=grads[0].device) for _ in range(2))
+            buffers = (torch.empty(size, dtype=dtype, device=grads[0].device),
+                       torch.empty(size, dtype=dtype, device=grads[0].device))
             self._flat[key] = buffers
         flat_grad, update = buffers
         torch.cat([g.reshape(-1) for g in grads], out=flat_grad)

@@ -15,7 +15,7 @@ The functional cores below hold the math; the ``Optimizer`` classes are thin wra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +49,7 @@ def conjugate_momentum_hyperparameters(
 
 def conjugate_momentum_sgd(
     params: list[Tensor],
-    grads: list[Tensor],
+    grads: list[Tensor] | tuple[Tensor, ...],
     momentum_buffers: list[Tensor],
     *,
     lr: float,
@@ -143,7 +143,7 @@ def adam_step_size(lr: float, batch_size: int, per_example: bool) -> float:
 
 def conjugate_adam(
     params: list[Tensor],
-    grads: list[Tensor],
+    grads: list[Tensor] | tuple[Tensor, ...],
     grad_averages: list[Tensor],
     square_averages: list[Tensor],
     squares: list[Tensor],
@@ -288,6 +288,7 @@ class ConjugateAdam(BatchSizeMixin, PackageOptimizer):
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         per_example = group["second_moment"] == "per_example"
+        squares: Sequence[Tensor]  # a list, or the tuple torch._foreach_mul returns
         if per_example:
             assert self._per_example_squares is not None
             squares = [self._per_example_squares[p].to(g.dtype) for p, g in zip(originals, grads)]

@@ -89,7 +89,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
         for device, indices in by_device.items():
-            rule = self._rule_on(device)
+            rule: LSTMGACRule = self._rule_on(device)
             sizes = tuple(params[i].numel() for i in indices)
             layout = self._layout(rule, device, sizes, process_group)
             rule_state = self._packed_state((id(group), device), [states[i] for i in indices], "rule_state")

@@ -37,7 +37,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,7 @@ class LSTMGACConfig:
         return self.lstm_rows + len(self.momentum_decays) + self.rms_rows
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LSTMGACConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LSTMGACConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -160,13 +160,13 @@ class Segments:
         self._plans: dict[int, list[tuple[int, int, int | None]]] = {}
 
     @classmethod
-    def single(cls, size: int, process_group: Any = None) -> "Segments":
+    def single(cls, size: int, process_group: Any = None) -> Segments:
         """All coordinates in one scope."""
         return cls(None, 1, size, process_group)
 
     @classmethod
     def from_sizes(cls, sizes: Sequence[int], device: torch.device | str | None = None,
-                   process_group: Any = None) -> "Segments":
+                   process_group: Any = None) -> Segments:
         """Consecutive scopes of the given sizes (e.g. the numel of each parameter tensor)."""
         if len(sizes) == 1:
             return cls.single(int(sizes[0]), process_group)
@@ -175,7 +175,7 @@ class Segments:
         return cls(ids, len(sizes), int(lengths.sum()), process_group, lengths=sizes)
 
     @classmethod
-    def from_ids(cls, ids: Tensor, count: int) -> "Segments":
+    def from_ids(cls, ids: Tensor, count: int) -> Segments:
         return cls(ids, count, ids.shape[0])
 
     def sums(self, x: Tensor) -> Tensor:
@@ -217,6 +217,7 @@ class Segments:
             plan = []
             for start in range(0, self.size, width):
                 stop = min(start + width, self.size)
+                scope: int | None
                 if self.ids is None:
                     scope = 0
                 elif ends is not None:  # the scopes holding the chunk's first and last coordinates
@@ -233,8 +234,8 @@ class Segments:
         to ``sums`` (k, count), in place (for the chunked step; not all-reduced yet)."""
         if scope is not None:
             sums[:, scope] += x.sum(dim=1)
-        else:
-            sums.index_add_(1, self.ids[start : start + x.shape[1]], x)
+        else:  # chunks spanning scopes exist only where there are ids
+            sums.index_add_(1, cast(Tensor, self.ids)[start : start + x.shape[1]], x)
 
     def fill_means(self, rows: Tensor, sums: Tensor, width: int) -> None:
         """Overwrite ``rows`` (k, N) with each coordinate's scope mean, given this rank's sums
@@ -245,7 +246,7 @@ class Segments:
             if scope is not None:
                 rows[:, start:stop].copy_(means[:, scope : scope + 1].expand(-1, stop - start))
             else:
-                rows[:, start:stop].copy_(means.index_select(1, self.ids[start:stop]))
+                rows[:, start:stop].copy_(means.index_select(1, cast(Tensor, self.ids)[start:stop]))
 
 def all_reduced(x: Tensor, process_group: Any) -> Tensor:
     """``x`` summed over the ranks of ``process_group`` (``x`` itself without one): how the
@@ -568,7 +569,7 @@ class LSTMGACRule(nn.Module):
             self.output(top[:, start:stop], momentum[:, start:stop], second_moment[:, start:stop], out=out[start:stop])
         return top
 
-    def _scratch_for(self, like: Tensor, width: int) -> "_Scratch":
+    def _scratch_for(self, like: Tensor, width: int) -> _Scratch:
         """Buffers for chunks of up to ``width`` coordinates in ``like``'s dtype and device, kept
         between steps (allocating them anew costs page faults on every step)."""
         key = (like.dtype, like.device)

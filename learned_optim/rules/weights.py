@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def save_rule(rule: nn.Module, path: str | os.PathLike, metadata: dict[str, Any]
         "format": FORMAT,
         "name": stem.name,
         "rule": rule.name,
-        "config": rule.config.to_dict(),
+        "config": cast(Any, rule.config).to_dict(),  # the rule's config dataclass (typed Tensor | Module by nn.Module)
         "tensors_sha256": _sha256(blob),
         "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
