@@ -13,8 +13,8 @@ import json
 import math
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ __all__ = [
     "plot_results",
     "plot_median_band",
     "DEFAULT_TASKS",
+    "forked_map",
 ]
 
 #: Built-in tasks of the main benchmark, with their number of steps; none needs files.
@@ -92,32 +93,47 @@ def package_optimizers(names: Iterable[str] | None = None) -> dict[str, Optimize
     return specs
 
 
-def train(task: Task, optimizer_factory: Callable[[list[Tensor]], Optimizer], steps: int) -> Tensor:
-    """Train ``task`` for ``steps`` steps; the loss before each step (inf after divergence)."""
+def train(task: Task, optimizer_factory: Callable[[list[Tensor]], Optimizer], steps: int,
+          timing: dict[str, float] | None = None) -> Tensor:
+    """Train ``task`` for ``steps`` steps; the loss before each step (inf after divergence).
+
+    ``timing``, if given, receives the wall seconds of the steps run (minibatch, forward,
+    backward and update: ``"seconds"``), of the optimizer's ``step()`` calls alone
+    (``"step_seconds"``) and how many steps ran (``"steps"``).
+    """
     params = task.init_params()
     optimizer = optimizer_factory(params)
     generator = task.batch_generator()
     losses = torch.full((steps,), math.inf, dtype=torch.float64)
+    total = in_step = 0.0
+    ran = 0
     for t in range(steps):
+        start = time.perf_counter()
         optimizer.zero_grad()
         loss = task.loss(params, task.sample_batch(generator))
         if not torch.isfinite(loss):
             break
         loss.backward()
         losses[t] = loss.item()
+        stepping = time.perf_counter()
         try:
             optimizer.step()
         except ValueError as error:
             if "NaN or inf" in str(error):  # the package's optimizers refuse non-finite grads
                 break
             raise
+        end = time.perf_counter()
+        total, in_step, ran = total + end - start, in_step + end - stepping, ran + 1
+    if timing is not None:
+        timing.update(seconds=total, step_seconds=in_step, steps=ran)
     return losses
 
 
-def run_seed(family: TaskFamily, spec: OptimizerSpec, lr: float, seed: int, steps: int) -> Tensor:
-    """Losses of ``spec`` at ``lr`` on the task drawn with ``seed``."""
+def run_seed(family: TaskFamily, spec: OptimizerSpec, lr: float, seed: int, steps: int,
+             timing: dict[str, float] | None = None) -> Tensor:
+    """Losses of ``spec`` at ``lr`` on the task drawn with ``seed`` (``timing``: see :func:`train`)."""
     task = family.sample(seed)
-    return train(task, lambda params: spec.factory(params, lr, task), steps)
+    return train(task, lambda params: spec.factory(params, lr, task), steps, timing)
 
 
 def final_loss(losses: Tensor, last: int = 10) -> float:
@@ -232,19 +248,25 @@ def run_benchmark(
 
     results: list[BenchmarkResult] = []
     try:
-        if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                for result in pool.map(_evaluate, *zip(*pairs)):
-                    report(result)
-                    results.append(result)
-        else:
-            for task_name, opt_name in pairs:
-                results.append(_evaluate(task_name, opt_name))
-                report(results[-1])
+        for result in forked_map(_evaluate, pairs, jobs):
+            report(result)
+            results.append(result)
     finally:
         _JOB_CONTEXT.clear()
     return results
+
+
+def forked_map(function: Callable, arguments: Sequence[tuple], jobs: int) -> Iterable:
+    """``function(*args)`` for each of ``arguments``, in order, spread over ``jobs`` forked worker
+    processes (in this process if ``jobs`` is 1 or fork is unavailable). Forked workers see this
+    process's globals, so ``function`` may read closures parked in a module-level dict."""
+    if jobs > 1 and len(arguments) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            yield from pool.map(function, *zip(*arguments))
+    else:
+        for args in arguments:
+            yield function(*args)
 
 
 def format_table(results: Sequence[BenchmarkResult]) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -37,13 +40,18 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     baseline_specs = benchmark.baselines()
     wanted = _csv(args.optimizers) if args.optimizers != "all" else list(baseline_specs) + registry.available()
     specs = {}
-    for name in wanted:
-        if name in baseline_specs:
-            specs[name] = baseline_specs[name]
-        else:
-            specs.update(benchmark.package_optimizers([name]))  # KeyError lists what exists
-    family_kwargs = {"mnist-mlp": {"root": args.data}} if args.data else {}
-    tasks = benchmark.default_tasks(_csv(args.tasks), args.steps, **family_kwargs)
+    with _argument_errors(args):
+        for name in wanted:
+            if name in baseline_specs:
+                specs[name] = baseline_specs[name]
+            else:
+                specs.update(benchmark.package_optimizers([name]))  # KeyError lists what exists
+        family_kwargs = {"mnist-mlp": {"root": args.data}} if args.data else {}
+        tasks = benchmark.default_tasks(_csv(args.tasks), args.steps, **family_kwargs)
+        for name in ("steps", "seeds", "tune_seeds", "jobs"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     eval_seeds = list(range(args.seeds))
     tune_seeds = [10_000 + i for i in range(args.tune_seeds)]
     print(
@@ -75,7 +83,7 @@ def evaluate_dropin(rule, family, seeds: Sequence[int], steps: int) -> dict:
     """Train each held-out task with the drop-in optimizer of ``rule``; the benchmark's score."""
     from . import benchmark
 
-    cls = registry.info(rule.name).cls
+    cls = cast(Any, registry.info(rule.name).cls)  # a learned optimizer: takes weights=
     finals = []
     for seed in seeds:
         task = family.sample(seed)
@@ -119,30 +127,39 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _meta_train(args: argparse.Namespace, rank: int) -> int:
+def _json_argument(text: str | None, flag: str) -> dict:
     import json
 
-    from .meta import MetaTrainConfig, MetaTrainer
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag} is not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+    return value
 
-    task_kwargs = json.loads(args.task_kwargs) if args.task_kwargs else {}
-    if args.data:
-        task_kwargs["root"] = args.data
-    config = MetaTrainConfig(
-        rule=args.rule, rule_config=json.loads(args.rule_config) if args.rule_config else {},
-        init_weights=args.init_weights,
-        task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, truncation=args.truncation,
-        tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
-        meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
-        loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
-        validation_tasks=args.validation_tasks, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, device=args.device, precision=args.precision,
-    )
-    workdir = args.workdir or f"{args.out}.run"
-    trainer = MetaTrainer(config, workdir, progress=not args.no_progress)
+
+@contextlib.contextmanager
+def _argument_errors(args: argparse.Namespace) -> Iterator[None]:
+    """Bad arguments (an unknown name, a bad --task path, bad JSON, a bad value) end the command
+    as argparse does: one line naming what is wrong, and exit status 2."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        args.parser.error(str(message))
+
+
+def _meta_train(args: argparse.Namespace, rank: int) -> int:
+    with _argument_errors(args):
+        trainer, eval_family, eval_task, eval_kwargs, task_kwargs = _meta_trainer(args)
+    config = trainer.config
     if rank == 0:
         world = f", {trainer.world} processes" if trainer.world > 1 else ""
         print(f"meta-training {config.rule} on {config.task} ({trainer.device}{world}); "
-              f"checkpoints and log in {workdir}/")
+              f"checkpoints and log in {trainer.workdir}/")
     summary = trainer.train()
     if rank != 0:  # rank 0 evaluates and writes the weights
         return 0
@@ -152,12 +169,6 @@ def _meta_train(args: argparse.Namespace, rank: int) -> int:
           f"{summary['best_validation']['median_final_loss']:.4g})")
     trainer.rule.load_state_dict(trainer.best_rule)
     rule = trainer.rule.to("cpu").eval()
-    eval_task = args.eval_task or config.task
-    eval_kwargs = json.loads(args.eval_task_kwargs) if args.eval_task_kwargs else (
-        {} if args.eval_task else {k: v for k, v in task_kwargs.items() if k != "root"})
-    if args.data:
-        eval_kwargs["root"] = args.data
-    eval_family = get_family(eval_task, **eval_kwargs)
     evaluation = evaluate_dropin(rule, eval_family, list(range(args.eval_seeds)), config.horizon)
     evaluation["family"] = eval_task
     evaluation["family_kwargs"] = {k: v for k, v in eval_kwargs.items() if k != "root"}
@@ -177,13 +188,43 @@ def _meta_train(args: argparse.Namespace, rank: int) -> int:
     return 0
 
 
+def _meta_trainer(args: argparse.Namespace):
+    """The trainer and the final evaluation's family, every argument checked before training starts."""
+    from .meta import MetaTrainConfig, MetaTrainer
+
+    task_kwargs = _json_argument(args.task_kwargs, "--task-kwargs")
+    if args.data:
+        task_kwargs["root"] = args.data
+    if args.eval_seeds < 1:
+        raise ValueError(f"--eval-seeds must be a positive integer, got {args.eval_seeds}")
+    config = MetaTrainConfig(
+        rule=args.rule, rule_config=_json_argument(args.rule_config, "--rule-config"),
+        init_weights=args.init_weights,
+        task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, truncation=args.truncation,
+        tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
+        meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
+        loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
+        validation_tasks=args.validation_tasks, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, device=args.device, precision=args.precision,
+    )
+    eval_task = args.eval_task or config.task
+    eval_kwargs = _json_argument(args.eval_task_kwargs, "--eval-task-kwargs") if args.eval_task_kwargs else (
+        {} if args.eval_task else {k: v for k, v in task_kwargs.items() if k != "root"})
+    if args.data:
+        eval_kwargs["root"] = args.data
+    eval_family = get_family(eval_task, **eval_kwargs)
+    workdir = args.workdir or f"{args.out}.run"
+    trainer = MetaTrainer(config, workdir, progress=not args.no_progress)
+    return trainer, eval_family, eval_task, eval_kwargs, task_kwargs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learned-optim", description="Learned and adaptive optimizers for PyTorch.")
     parser.add_argument("--version", action="version", version=f"learned_optim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_list = sub.add_parser("list", help="list optimizers and task families")
-    p_list.set_defaults(func=_cmd_list)
+    p_list.set_defaults(func=_cmd_list, parser=p_list)
 
     p_bench = sub.add_parser("benchmark", help="benchmark optimizers against tuned torch.optim baselines")
     p_bench.add_argument("--tasks", default="quadratic,rosenbrock,noisy-least-squares,mlp",
@@ -197,14 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--plot", action="store_true", help="also write benchmark.png (needs matplotlib)")
     p_bench.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                          help="worker processes (default: all cores)")
-    p_bench.set_defaults(func=_cmd_benchmark)
+    p_bench.set_defaults(func=_cmd_benchmark, parser=p_bench)
 
     p_meta = sub.add_parser("meta-train", help="meta-train a learned update rule and write its weights")
     p_meta.add_argument("--rule", default="lstm-gac", help="update rule to train")
     p_meta.add_argument("--rule-config", default=None, help="JSON of rule config overrides")
     p_meta.add_argument("--init-weights", default=None,
                         help="start from these weights (for ntm-bfgs, LSTM+GAC weights start its controller)")
-    p_meta.add_argument("--task", default="quadratic", help="task family to meta-train on")
+    p_meta.add_argument("--task", default="quadratic",
+                        help="task family to meta-train on: a registered name (learned-optim list) or "
+                             "'package.module:factory', an importable TaskFamily or a callable returning one")
     p_meta.add_argument("--task-kwargs", default=None, help="JSON of task family arguments")
     p_meta.add_argument("--data", default=None, help="data directory (for MNIST families)")
     p_meta.add_argument("--out", required=True, help="weights path without suffix, e.g. pretrained/NAME")
@@ -238,13 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--seed", type=int, default=0)
     p_meta.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p_meta.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_meta.set_defaults(func=_cmd_meta_train)
+    p_meta.set_defaults(func=_cmd_meta_train, parser=p_meta)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv
     return args.func(args)
 

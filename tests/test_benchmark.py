@@ -90,9 +90,19 @@ def test_cli_benchmark_writes_its_table(tmp_path, capsys):
     assert "learned-optim benchmark --tasks quadratic" in (tmp_path / "benchmark.md").read_text()
 
 
-def test_cli_rejects_unknown_optimizer(tmp_path):
-    with pytest.raises(KeyError, match="no optimizer named 'bogus'"):
-        main(["benchmark", "--optimizers", "bogus", "--out", str(tmp_path)])
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizers", "bogus"], "no optimizer named 'bogus'; available: "),
+    (["--tasks", "nosuch"], "no task family named 'nosuch'; available: "),
+    (["--tasks", "nosuchmodule:family"], "task path 'nosuchmodule:family': cannot import module 'nosuchmodule'"),
+    (["--seeds", "0"], "--seeds must be a positive integer"),
+])
+def test_cli_reports_a_bad_argument_in_one_line_with_status_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", *argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"learned-optim benchmark: error: {message}" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing ran
 
 
 def test_python_dash_m_runs_the_cli():

@@ -1,8 +1,10 @@
 """Task families shared by the benchmark harness and the meta-trainer."""
 
-from .base import Task, TaskFamily, TaskStack, families, get_family, register_family
+from .base import Task, TaskFamily, TaskStack, families, get_family, load_family, register_family
 from .data import ClassificationData, download_mnist, load_mnist, synthetic_classification
 from .mlp import MixedMLPFamily, MLPFamily, mlp_forward
+from .models import GRULM, MLP, ConvNet, TransformerLM, classification_loss, language_model_loss
+from .module import BoundModule, ModuleFamily
 from .synthetic import (
     IllConditionedQuadraticFamily,
     NoisyLeastSquaresFamily,
@@ -11,9 +13,20 @@ from .synthetic import (
     RosenbrockFamily,
     SinusoidFamily,
 )
+from .text import stdlib_text
 
 __all__ = [
+    "BoundModule",
     "ClassificationData",
+    "ConvNet",
+    "GRULM",
+    "MLP",
+    "ModuleFamily",
+    "TransformerLM",
+    "classification_loss",
+    "language_model_loss",
+    "load_family",
+    "stdlib_text",
     "IllConditionedQuadraticFamily",
     "MLPFamily",
     "MixedMLPFamily",

@@ -23,12 +23,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Task", "TaskFamily", "TaskStack", "register_family", "get_family", "families"]
+__all__ = ["Task", "TaskFamily", "TaskStack", "register_family", "get_family", "load_family", "families"]
 
 Batch = Any
 LossFn = Callable[[Sequence[Tensor], Batch], Tensor]
@@ -49,10 +49,17 @@ class Task:
     batch_size: int = 1
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    reset_fn: Callable[[], None] | None = None  # restores state a run changes besides θ (buffers)
 
     def init_params(self, requires_grad: bool = True) -> list[Tensor]:
-        """Fresh leaf copies of θ₀."""
+        """Fresh leaf copies of θ₀ (and the task's other state, e.g. batch-norm buffers, reset)."""
+        self.reset()
         return [p.detach().clone().requires_grad_(requires_grad) for p in self.initial_params]
+
+    def reset(self) -> None:
+        """Restore what a run changes besides θ (a module's buffers) to its initial value."""
+        if self.reset_fn is not None:
+            self.reset_fn()
 
     def batch_generator(self, stream: int = 0) -> torch.Generator:
         """The generator of this task's minibatch stream number ``stream``."""
@@ -77,21 +84,29 @@ class TaskStack:
     """K tasks unrolled together (the meta-trainer's unit): one call gives all K losses.
 
     ``param_tasks[j]`` says which task parameter tensor j belongs to: an int for a tensor of
-    one task, or None for a *stacked* tensor whose leading dimension indexes the K tasks
-    (families that vectorize, like the quadratics, stack every tensor). ``losses(params,
+    one task, None for a *stacked* tensor whose leading dimension indexes the K tasks
+    (families that vectorize, like the quadratics, stack every tensor), or a tuple of task
+    indices for a tensor stacking those tasks only (module families stack same-shaped nets). ``losses(params,
     batch)`` returns the (K,) per-task losses; ``new_stream()`` starts a minibatch stream and
     ``sample_batch(stream)`` draws the next minibatch of every task from it.
     """
 
     initial_params: list[Tensor]
     losses_fn: Callable[[Sequence[Tensor], Batch], Tensor]
-    param_tasks: list[int | None]
+    param_tasks: list[int | None | tuple[int, ...]]
     num_tasks: int
     stream_fn: Callable[[], Any] | None = None
     batch_fn: Callable[[Any], Batch] | None = None
+    reset_fn: Callable[[], None] | None = None  # restores the tasks' state besides θ (buffers)
 
     def init_params(self, requires_grad: bool = True) -> list[Tensor]:
+        """Fresh leaf copies of θ₀ (the tasks' other state reset)."""
+        self.reset()
         return [p.detach().clone().requires_grad_(requires_grad) for p in self.initial_params]
+
+    def reset(self) -> None:
+        if self.reset_fn is not None:
+            self.reset_fn()
 
     def new_stream(self) -> Any:
         return self.stream_fn() if self.stream_fn is not None else None
@@ -103,10 +118,12 @@ class TaskStack:
         return self.losses_fn(params, batch)
 
     @classmethod
-    def of(cls, tasks: Sequence[Task]) -> "TaskStack":
+    def of(cls, tasks: Sequence[Task]) -> TaskStack:
         """The generic stack: each task's tensors side by side, losses evaluated one by one."""
         tasks = list(tasks)
-        spans, initial, owners = [], [], []
+        spans: list[tuple[int, int]] = []
+        initial: list[Tensor] = []
+        owners: list[int | None | tuple[int, ...]] = []
         for k, task in enumerate(tasks):
             spans.append((len(initial), len(initial) + len(task.initial_params)))
             initial += task.initial_params
@@ -116,11 +133,16 @@ class TaskStack:
             batches = batches if batches is not None else [None] * len(tasks)
             return torch.stack([t.loss(params[a:b], bt) for t, (a, b), bt in zip(tasks, spans, batches)])
 
+        def reset() -> None:
+            for t in tasks:
+                t.reset()
+
         stochastic = any(t.stochastic for t in tasks)
         return cls(
             initial, losses, owners, len(tasks),
             (lambda: [t.batch_generator() for t in tasks]) if stochastic else None,
             (lambda gens: [t.sample_batch(g) for t, g in zip(tasks, gens)]) if stochastic else None,
+            reset,
         )
 
 
@@ -150,10 +172,13 @@ class TaskFamily(abc.ABC):
 _FAMILIES: dict[str, Callable[..., TaskFamily]] = {}
 
 
-def register_family(name: str) -> Callable[[Callable[..., TaskFamily]], Callable[..., TaskFamily]]:
+FactoryT = TypeVar("FactoryT", bound=Callable[..., TaskFamily])
+
+
+def register_family(name: str) -> Callable[[FactoryT], FactoryT]:
     """Register a task-family constructor under ``name`` (see :func:`get_family`)."""
 
-    def decorate(factory: Callable[..., TaskFamily]) -> Callable[..., TaskFamily]:
+    def decorate(factory: FactoryT) -> FactoryT:
         _FAMILIES[name] = factory
         return factory
 
@@ -166,9 +191,48 @@ def families() -> list[str]:
 
 
 def get_family(name: str, **kwargs: Any) -> TaskFamily:
-    """Construct the task family registered as ``name`` with ``kwargs``."""
+    """Construct the task family registered as ``name`` with ``kwargs``, or load one from an
+    importable path ``"package.module:factory"`` (see :func:`load_family`)."""
+    if ":" in name:
+        return load_family(name, **kwargs)
     try:
         factory = _FAMILIES[name]
     except KeyError:
-        raise KeyError(f"no task family named {name!r}; available: {', '.join(families())}") from None
+        raise KeyError(f"no task family named {name!r}; available: {', '.join(families())}, "
+                       "or an importable 'package.module:factory'") from None
     return factory(**kwargs)
+
+
+def load_family(path: str, **kwargs: Any) -> TaskFamily:
+    """The task family at ``"package.module:attribute"``: a :class:`TaskFamily`, or a callable
+    returning one (called with ``kwargs``). Each way this can fail raises a ValueError naming it."""
+    import importlib
+
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute or ":" in attribute:
+        raise ValueError(f"task path {path!r} must be 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"task path {path!r}: cannot import module {module_name!r} ({error})") from error
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"task path {path!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if isinstance(target, TaskFamily):
+        if kwargs:
+            raise ValueError(f"task path {path!r} names a TaskFamily instance, which takes no arguments "
+                             f"(got {', '.join(sorted(kwargs))})")
+        return target
+    if not callable(target):
+        raise ValueError(f"task path {path!r}: {attribute!r} is a {type(target).__name__}, "
+                         "neither a TaskFamily nor a callable returning one")
+    try:
+        family = target(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"task path {path!r}: calling {attribute!r} with {kwargs or 'no arguments'} failed "
+                         f"({error})") from error
+    if not isinstance(family, TaskFamily):
+        raise ValueError(f"task path {path!r}: {attribute!r} returned a {type(family).__name__}, not a TaskFamily")
+    return family

@@ -46,7 +46,7 @@ class ClassificationData:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def split(self, first: int, seed: int = 0) -> tuple["ClassificationData", "ClassificationData"]:
+    def split(self, first: int, seed: int = 0) -> tuple[ClassificationData, ClassificationData]:
         """A fixed random split into ``first`` examples and the rest."""
         if not 0 < first < len(self):
             raise ValueError(f"split size must be in (0, {len(self)}), got {first}")

@@ -106,7 +106,8 @@ class MLPFamily(TaskFamily):
         if self.examples_per_task is None:
             n, subsets = inputs.shape[0], None
         else:  # (K, n): task k's example indices
-            n, subsets = self.examples_per_task, torch.stack([self.examples(s) for s in seeds]).to(inputs.device)
+            picks = [self.examples(s) for s in seeds]
+            n, subsets = self.examples_per_task, torch.stack([p for p in picks if p is not None]).to(inputs.device)
 
         def new_stream():
             return [t.batch_generator() for t in tasks]
