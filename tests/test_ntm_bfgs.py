@@ -14,7 +14,7 @@ from torch import nn
 import learned_optim
 from learned_optim import NTMBFGS, NTMBFGSConfig, NTMBFGSRule
 from learned_optim.meta import MetaTrainConfig, MetaTrainer, TruncatedBPTT, Unroll
-from learned_optim.rules import BFGSHeads, LimitedMemory, MemoryGroups
+from learned_optim.rules import BFGSHeads, DenseMemory, LimitedMemory, MemoryGroups
 from learned_optim.tasks import TaskStack, get_family
 from learned_optim.tasks.base import Task
 
@@ -77,7 +77,8 @@ class LBFGSHeads(BFGSHeads):
 
     def __init__(self, history: int, gamma: float) -> None:
         super().__init__(0.0)
-        self.history, self.gamma, self.pairs = history, gamma, []
+        self.history, self.gamma = history, gamma
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def writes(self, ctx, key, pre_read):
         if ctx.prev_step.abs().sum() > 0:
@@ -146,6 +147,63 @@ def test_curvature_condition_skips_writes_that_would_break_positive_definiteness
     torch.testing.assert_close(state[1], torch.full((1, 1, 1), 0.1, dtype=F64))
 
 
+def _limited_bfgs_run(reset_indefinite: bool) -> tuple[int, float, torch.Tensor]:
+    """BFGS's writes in a limited memory of K = 3 pairs (one step's: each write drops the last)
+    on a 2-D quadratic of condition 100, no backtracking: how many steps went uphill (∇ᵀg > 0;
+    the step is −M·∇), and the gap f − f* at the start and after each of 30 steps."""
+    a, b, theta = _quadratic(2, seed=2, condition=100.0)
+    config = NTMBFGSConfig(memory="limited", memory_capacity=3, initial_scale=0.05, curvature_eps=0.0,
+                           backtrack=False, reset_indefinite=reset_indefinite)
+    rule = NTMBFGSRule(config, heads=BFGSHeads(0.0)).double()
+    layout = rule.segments([2])
+    state = rule.init_state(2, segments=layout)
+    optimum = torch.linalg.solve(a, b)
+
+    def gap(x):
+        return float(0.5 * (x - optimum) @ a @ (x - optimum))
+
+    uphill, start, gaps = 0, gap(theta), []
+    with torch.no_grad():
+        for _ in range(30):
+            grad = a @ theta - b
+            update, state = rule(grad, state, layout)
+            uphill += int(grad @ update > 0)
+            theta = theta + update
+            gaps.append(gap(theta))
+    return uphill, start, torch.tensor(gaps)
+
+
+def test_a_limited_memory_made_indefinite_by_forgetting_is_reset_not_followed_uphill():
+    """The limited form forgets its oldest write pairs, but BFGS's later pairs hold M·y of the
+    earlier ones (H⁺ = H + c·s·sᵀ − ρ·s·(Hy)ᵀ − ρ·(Hy)·sᵀ), so what is left is no BFGS matrix and
+    can be indefinite: without the reset, the memory's step −M·∇ goes uphill and the run ends
+    far above where it started. With it (the default), M starts again from M₀ wherever
+    yᵀMy < 0 or ∇ᵀM∇ < 0, and the run converges."""
+    uphill, start, gaps = _limited_bfgs_run(reset_indefinite=False)
+    assert uphill > 0 and gaps[-1] > start  # the failure (the behaviour before the reset)
+    uphill, start, gaps = _limited_bfgs_run(reset_indefinite=True)
+    assert uphill == 0 and torch.isfinite(gaps).all() and gaps[-1] < 0.01 * start
+
+
+def test_default_weights_do_not_blow_up_rosenbrock():
+    """Issue 15: with the shipped weights (limited memory), these Rosenbrock draws went to
+    losses of 1e19–1e25 and a non-finite gradient within 60 steps (the limited memory turned
+    indefinite, see above); now every loss is finite and the last below the first."""
+    for seed in (3, 7, 9):
+        task = get_family("rosenbrock").sample(seed)
+        params = task.init_params()
+        opt = NTMBFGS(params)
+        losses = []
+        for _ in range(60):
+            opt.zero_grad()
+            loss = task.loss(params)
+            losses.append(loss.item())
+            assert torch.isfinite(loss), (seed, losses[::10])
+            loss.backward()
+            opt.step()
+        assert losses[-1] < losses[0], (seed, losses[::10])
+
+
 def test_memory_groups_keep_tasks_apart_with_padding():
     """Tasks of different sizes in one generic stack (padded per-task memories) follow exactly
     the trajectories each has alone."""
@@ -174,6 +232,26 @@ def test_memory_groups_gather_scatter_round_trip_and_group_sums():
     torch.testing.assert_close(groups.scatter(laid_out), x)
     torch.testing.assert_close(groups.dot(x[0], x[0])[3], torch.tensor(9.0))  # group 2 holds only x[3] = 3
     torch.testing.assert_close(groups.mean(x)[0, 1], torch.tensor(3.0))  # (1 + 5) / 2
+    assert groups.any(torch.tensor([False, False, False, True, False, False])).tolist() == [False, False, True]
+    assert groups.expand(torch.tensor([10, 20, 30])).tolist() == [20, 10, 20, 30, 20, 10]
+
+
+def test_memory_reset_restores_m0_in_the_flagged_groups_only():
+    """reset(state, where) and write(..., reset=where): M₀ (then the new pairs) in the flagged
+    groups, the other groups untouched."""
+    where, pair = torch.tensor([True, False]), torch.ones(2, 1, 3, dtype=F64)  # 2 groups, one write pair each
+    other = torch.arange(6, dtype=F64).view(2, 1, 3)
+    keys = torch.randn(2, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for memory in (DenseMemory(0.5), LimitedMemory(2, 0.5)):
+        state = memory.write(memory.init_state(3, F64, groups=2), pair, pair)
+        reset = memory.reset(state, where)
+        fresh = memory.write(memory.init_state(3, F64, groups=2), other, other)
+        written = memory.write(state, other, other, reset=where)
+        torch.testing.assert_close(memory.read(reset, keys)[0], 0.5 * keys[0])  # M₀ = γ·I
+        torch.testing.assert_close(memory.read(written, keys)[0], memory.read(fresh, keys)[0])
+        torch.testing.assert_close(memory.read(reset, keys)[1], memory.read(state, keys)[1], rtol=0, atol=0)
+        unflagged = memory.read(memory.write(state, other, other), keys)[1]
+        torch.testing.assert_close(memory.read(written, keys)[1], unflagged, rtol=0, atol=0)
 
 
 def test_memory_form_is_chosen_by_size_and_can_be_overridden():
@@ -262,8 +340,10 @@ def test_a_short_meta_training_improves_the_validation_score(tmp_path):
 
 
 def test_config_round_trips_and_bad_configs_are_refused_by_name():
-    config = NTMBFGSConfig(memory="limited", memory_capacity=12, write_heads=4)
+    config = NTMBFGSConfig(memory="limited", memory_capacity=12, write_heads=4, reset_indefinite=False)
     assert NTMBFGSConfig.from_dict(config.to_dict()) == config
+    old = {k: v for k, v in NTMBFGSConfig().to_dict().items() if k != "reset_indefinite"}  # saved before the key
+    assert NTMBFGSConfig.from_dict(old).reset_indefinite
     for bad, match in (({"write_heads": 0}, "write_heads"), ({"memory": "huge"}, "memory must be"),
                        ({"initial_scale": -1.0}, "initial_scale"), ({"memory_capacity": 2}, "memory_capacity"),
                        ({"controller": {"extra_inputs": 0}}, "extra_inputs"), ({"heads": 3}, "unknown")):
@@ -275,6 +355,51 @@ def test_registered_and_exported():
     assert learned_optim.info("ntm-bfgs").cls is NTMBFGS
     with pytest.raises(TypeError, match="needs an NTMBFGSRule"):
         NTMBFGS([nn.Parameter(torch.ones(2))], weights=learned_optim.LSTMGACRule())
+
+
+@pytest.mark.parametrize("memory", ["dense", "limited"])
+def test_indefinite_memories_are_reset_per_group_and_in_place_as_in_forward(memory):
+    """Learned heads whose first write is negated (−3·c·s·sᵀ instead of c·s·sᵀ) make M indefinite
+    on a convex group (its reads point uphill), while a concave group never writes (yᵀs < 0):
+    only the convex group's memory is reset (its updates change), the concave group's updates
+    are exactly those without the reset, and step_ agrees with forward throughout."""
+    from learned_optim.rules.lstm_gac import Segments
+
+    rule = NTMBFGSRule(NTMBFGSConfig(memory=memory, memory_capacity=6), seed=3).double()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=F64))
+        rule.heads.write_coefficients[0].mul_(-3.0)
+    without = rule.with_memory()
+    without.config = NTMBFGSConfig.from_dict({**rule.config.to_dict(), "reset_indefinite": False})
+    sizes = [50, 7, 130]  # two memory groups: the first two tensors (concave), the third (convex)
+    layout = rule.segments_from(Segments.from_sizes(sizes), Segments.from_sizes([57, 130]))
+    curvature = torch.cat((torch.full((57,), -1.0, dtype=F64), torch.linspace(0.5, 2.0, 130, dtype=F64)))
+    start = torch.randn(187, generator=gen, dtype=F64)
+    runs = {}
+    for name, r in (("reset", rule), ("without", without)):
+        state, theta, updates, uphill = r.init_state(187, segments=layout), start.clone(), [], 0
+        in_place = tuple(x.clone() for x in state)
+        for _ in range(8):
+            grad = curvature * theta
+            with torch.no_grad():
+                update, state = r(grad, state, layout)
+            if r is rule:
+                out = torch.full_like(grad, float("nan"))
+                memory_in_place = r.step_(grad, in_place, layout, out, chunk=64)
+                in_place = (in_place[0], memory_in_place)
+                torch.testing.assert_close(out, update, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(in_place[1], state[1], rtol=1e-10, atol=1e-12)
+            uphill += int(grad[57:] @ state[0][-1, 57:] < 0)  # the convex group's read i_t = M_{t+1}·∇_t
+            assert grad[:57] @ state[0][-1, :57] >= 0  # the concave group's: M stays M₀
+            theta = theta + update
+            updates.append(update)
+        runs[name] = (torch.stack(updates), uphill)
+    (reset, _), (plain, plain_uphill) = runs["reset"], runs["without"]
+    assert plain_uphill > 0
+    torch.testing.assert_close(reset[:, :57], plain[:, :57], rtol=0, atol=0)
+    assert not torch.allclose(reset[:, 57:], plain[:, 57:])
 
 
 @pytest.mark.parametrize("memory", ["dense", "limited"])

@@ -34,7 +34,15 @@ yᵀs > ε·‖y‖·‖s‖ (curvature condition; always at t = 0, when s = 0).
 (default), a step that raised f, by the gradient estimate f(θ_t) − f(θ_{t−1}) ≈
 ½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics), is followed by −s_{t−1}/2 instead: the line
 search the rule cannot do with function values. Without it, BFGS's unit steps diverged on
-some of the paper's quadratics in float32.
+some of the paper's quadratics in float32. With ``reset_indefinite`` (default), M starts again
+from M₀ wherever a quadratic form of it that the rule sees is negative: ∇_tᵀ·M_{t+1}·∇_t (the
+memory's step −i_t would go uphill: this step reads M₀ instead, and the next write is made
+onto M₀) or yᵀ·M_t·y (BFGS's write presumes it positive; the pair is written onto M₀). No
+BFGS matrix fails either test, but the limited form's can: it forgets its oldest pairs while
+the newer ones hold M·y of the forgotten (the −ρ·s·(My)ᵀ terms), so what is left is no BFGS
+matrix and can be indefinite. The shipped limited-memory weights then followed uphill reads
+on Rosenbrock to losses of 1e17–1e25 (issue 15). Where neither test fires, the rule computes
+exactly what it computes without them.
 
 The memory is dense (n × n) or limited (the K most recent write pairs), chosen by size
 (:mod:`~learned_optim.rules.ntm_memory`). Head outputs can be replaced by hand
@@ -52,7 +60,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +92,7 @@ class NTMBFGSConfig:
     initial_scale: float = 0.01  # γ: M₀ = γ·I (the first step is −γ·∇ plus the controller's)
     curvature_eps: float = 1e-3  # ε of the skip rule: write only if yᵀs > ε·‖y‖·‖s‖ (bounds the learnable curvature)
     backtrack: bool = True  # step back −s/2 when the last step raised f (estimated from gradients)
+    reset_indefinite: bool = True  # M back to M₀ where yᵀMy < 0 (before a write) or ∇ᵀM∇ < 0 (after it)
     detach_memory: bool = True  # meta-gradients do not flow through the memory carried between steps
 
     def __post_init__(self) -> None:
@@ -116,7 +125,7 @@ class NTMBFGSConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NTMBFGSConfig":
+    def from_dict(cls, data: dict[str, Any]) -> NTMBFGSConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -152,6 +161,17 @@ class HeadInputs:
     readout: Tensor | None = None  # learned heads' linear read-out of ``top``, made once per step on first use
 
 
+class Heads(Protocol):
+    """What the rule asks of its heads (:class:`LearnedHeads`, :class:`BFGSHeads`): the read key,
+    the write pairs (left, right) (W, N) given the pre-write read M_t·key, and g_t from the read."""
+
+    def key(self, ctx: HeadInputs) -> Tensor: ...
+
+    def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def output(self, ctx: HeadInputs, read: Tensor) -> Tensor: ...
+
+
 def bfgs_scalars(y: Tensor, s: Tensor, my: Tensor, groups: MemoryGroups, eps: float) -> tuple[Tensor, Tensor]:
     """ρ = 1/(yᵀs) and ρ²·yᵀMy per coordinate's group, both 0 where the curvature condition
     yᵀs > ε·‖y‖·‖s‖ fails (BFGS's skip rule; also at the first step, where s = 0)."""
@@ -164,6 +184,14 @@ def bfgs_scalars(y: Tensor, s: Tensor, my: Tensor, groups: MemoryGroups, eps: fl
     ymy = torch.where(ok, ymy, torch.zeros_like(ymy))
     zero = torch.zeros_like(ys)
     return torch.where(ok, 1 / ys, zero), torch.where(ok, ymy / ys / ys, zero)
+
+
+def _reads_of_m0(memory: DenseMemory | LimitedMemory, groups: MemoryGroups, where: Tensor,
+                 *reads: tuple[Tensor, Tensor]) -> list[Tensor]:
+    """Each (key, read) pair's read, replaced by M₀·key = γ·key in the groups flagged in
+    ``where`` (G,): the reads of a memory reset there."""
+    coordinates = groups.expand(where)  # (N,)
+    return [torch.where(coordinates, memory.initial_scale * key, read) for key, read in reads]
 
 
 class BFGSHeads(nn.Module):
@@ -250,9 +278,10 @@ class NTMBFGSRule(nn.Module):
     def device(self) -> torch.device:
         return self.controller.device
 
-    def with_memory(self, form: str | None = None, capacity: int | None = None) -> "NTMBFGSRule":
+    def with_memory(self, form: str | None = None, capacity: int | None = None) -> NTMBFGSRule:
         """A copy of this rule (same φ) with another memory form or capacity K."""
-        changes = {k: v for k, v in (("memory", form), ("memory_capacity", capacity)) if v is not None}
+        changes: dict[str, Any] = {k: v for k, v in (("memory", form), ("memory_capacity", capacity))
+                                   if v is not None}
         fresh = copy.deepcopy(self)
         fresh.config = replace(self.config, **changes)
         return fresh
@@ -352,15 +381,29 @@ class NTMBFGSRule(nn.Module):
         """Read and write heads on the memory, from the controller's top output and update:
         g_t, the new carried rows (∇_t, r_t, s_t, i_t) (4, N) and the new memory."""
         cfg, groups, memory = self.config, layout.groups, layout.memory
+        heads = cast(Heads, self.heads)  # an nn.Module attribute, typed Tensor | Module by torch
         prev_grad, prev_key, prev_step, prev_read = carried.unbind(0)
         ctx = HeadInputs(grad, top, prev_key, prev_step, prev_read, controller_update, groups)
-        key = self.heads.key(ctx)
+        key = heads.key(ctx)
         keys = groups.gather(key.unsqueeze(0))  # (G, 1, n)
         pre_read = groups.scatter(memory.read(memory_state, keys)).squeeze(0)  # M_t·r_t
-        left, right = self.heads.writes(ctx, key, pre_read)
-        memory_state = memory.write(memory_state, groups.gather(left), groups.gather(right))
-        read = groups.scatter(memory.read(memory_state, keys)).squeeze(0)  # i_t = M_{t+1}·r_t
-        update = self.heads.output(ctx, read)
+        reset = None
+        if cfg.reset_indefinite:
+            # M_t is no BFGS estimate to build on (none is indefinite) where r_{t−1}ᵀ·M_t·r_{t−1} < 0
+            # (the last step's read i_{t−1} went uphill) or yᵀ·M_t·y < 0 (BFGS's write presumes it
+            # positive: c = ρ + ρ²·yᵀMy): there this pair is written onto M₀, and the reads are M₀'s.
+            reset = groups.any((groups.dot(prev_key, prev_read) < 0)
+                               | (groups.dot(key - prev_key, pre_read - prev_read) < 0))
+            pre_read, ctx.prev_read = _reads_of_m0(memory, groups, reset, (key, pre_read), (prev_key, prev_read))
+        left, right = heads.writes(ctx, key, pre_read)
+        memory_state = memory.write(memory_state, groups.gather(left), groups.gather(right), reset=reset)
+        read = groups.scatter(memory.read(memory_state, keys)).squeeze(0)  # i_t = M_{t+1}·r_t, carried
+        step_read = read
+        if cfg.reset_indefinite:
+            # r_tᵀ·i_t < 0: the memory's step −i_t would go uphill; this step reads M₀ instead, and
+            # the next step, seeing the same r_tᵀ·i_t in the carried rows, writes onto M₀
+            (step_read,) = _reads_of_m0(memory, groups, groups.any(groups.dot(key, read) < 0), (key, read))
+        update = heads.output(ctx, step_read)
         if cfg.backtrack:
             # f(θ_t) − f(θ_{t−1}) ≈ ½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics): if the last
             # step raised f, go halfway back instead; a line search with no function values.

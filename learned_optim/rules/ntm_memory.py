@@ -10,9 +10,13 @@ and the meta-trainer never care which one runs:
   M·r = γ·r + Σ_k a_k·(b_kᵀ·r): 2·K·n floats and O(K·n) work per read, the limited-memory
   form (as L-BFGS keeps its last m pairs), usable on models with millions of parameters.
 
-Both are pure functions of tensors (no in-place updates), so gradients flow through reads and
-writes when the meta-trainer keeps the graph. With the head outputs a BFGS step would write,
-the dense form reproduces BFGS and the limited form L-BFGS (``tests/test_ntm_memory.py``).
+Both are pure functions of tensors (their inputs are never updated in place), so gradients flow
+through reads and writes when the meta-trainer keeps the graph. With the head outputs a BFGS step would write,
+the dense form reproduces BFGS, and the limited form L-BFGS when the heads rewrite all K pairs
+from the last m (s, y) each step (``tests/test_ntm_memory.py``). Heads that append BFGS's
+three pairs per step are not L-BFGS once the oldest fall out: the newer pairs hold M·y of the
+forgotten ones, and the rest can be indefinite (``reset`` puts a memory back at M₀; the rule's
+``reset_indefinite`` does so where it finds M indefinite).
 
 Every state may carry leading batch dimensions, one memory per *group* (G memories of n
 coordinates: a param group in the optimizer, a task in the meta-trainer); heads then carry
@@ -78,12 +82,20 @@ class DenseMemory:
         _check_heads("read keys", keys, tuple(state.shape[:-2]), state.shape[-1])
         return keys @ state.mT
 
-    def write(self, state: Tensor, left: Tensor, right: Tensor) -> Tensor:
-        """M + Σ_w a_w·b_wᵀ for write heads a = ``left`` (…, W, n), b = ``right`` (…, W, n)."""
+    def write(self, state: Tensor, left: Tensor, right: Tensor, reset: Tensor | None = None) -> Tensor:
+        """M + Σ_w a_w·b_wᵀ for write heads a = ``left`` (…, W, n), b = ``right`` (…, W, n); the
+        memories flagged in ``reset`` (…,) are written onto M₀ instead (see :meth:`reset`)."""
         batch = tuple(state.shape[:-2])
         _check_heads("write left vectors", left, batch, state.shape[-1])
         _check_heads("write right vectors", right, batch, state.shape[-1])
-        return state + left.mT @ right
+        return (state if reset is None else self.reset(state, reset)) + left.mT @ right
+
+    def reset(self, state: Tensor, where: Tensor) -> Tensor:
+        """The state with the memories flagged in ``where`` (…,) back at M₀ = γ·I (differentiable
+        in the others; no host sync)."""
+        n = state.shape[-1]
+        initial = torch.eye(n, dtype=state.dtype, device=state.device) * self.initial_scale
+        return torch.where(where[..., None, None], initial, state)
 
     @staticmethod
     def state_bytes(num_coordinates: int, bytes_per_float: int = 4) -> int:
@@ -125,8 +137,9 @@ class LimitedMemory:
         inner = all_reduced(keys @ right.mT, self.process_group)  # b_kᵀ·r over every shard
         return keys * self.initial_scale + inner @ left
 
-    def write(self, state: Tensor, left: Tensor, right: Tensor) -> Tensor:
-        """Append the W pairs (a_w, b_w), keeping the K most recent."""
+    def write(self, state: Tensor, left: Tensor, right: Tensor, reset: Tensor | None = None) -> Tensor:
+        """Append the W pairs (a_w, b_w), keeping the K most recent; the memories flagged in
+        ``reset`` (…,) are emptied first (see :meth:`reset`), with no further allocation."""
         batch = tuple(state.shape[:-3])
         _check_heads("write left vectors", left, batch, state.shape[-1])
         _check_heads("write right vectors", right, batch, state.shape[-1])
@@ -134,9 +147,19 @@ class LimitedMemory:
             raise ValueError(f"write heads need as many left as right vectors, got {left.shape[-2]} and {right.shape[-2]}")
         if left.shape[-2] > self.capacity:
             raise ValueError(f"{left.shape[-2]} write pairs exceed the memory's capacity K = {self.capacity}")
-        # contiguous: a strided view would be multiplied by another BLAS path than the same state
-        # reloaded from a state_dict, and resumed runs would differ in the last bits
-        return torch.cat((state, torch.stack((left, right), dim=-3)), dim=-2)[..., -self.capacity:, :].contiguous()
+        kept = state[..., left.shape[-2]:, :]  # the K − W most recent pairs
+        # one copy into a contiguous state: a strided view would be multiplied by another BLAS
+        # path than the same state reloaded from a state_dict, and resumed runs would differ in the last bits
+        new = torch.cat((kept, torch.stack((left, right), dim=-3)), dim=-2)
+        if reset is not None:  # in place in the fresh copy (which no autograd node keeps): no allocation
+            new[..., :kept.shape[-2], :].masked_fill_(reset[..., None, None, None], 0)
+        return new
+
+    def reset(self, state: Tensor, where: Tensor) -> Tensor:
+        """The state with the memories flagged in ``where`` (…,) emptied, back at M₀ = γ·I
+        (differentiable in the others; no host sync)."""
+        empty = torch.zeros((), dtype=state.dtype, device=state.device)
+        return torch.where(where[..., None, None, None], empty, state)
 
     def state_bytes(self, num_coordinates: int, bytes_per_float: int = 4) -> int:
         return 2 * self.capacity * num_coordinates * bytes_per_float
@@ -187,7 +210,7 @@ class MemoryGroups:
         self._slots = sorted_ids * self.width + position  # their slots in the (G·n) layout
 
     @classmethod
-    def from_segments(cls, scopes: Segments) -> "MemoryGroups":
+    def from_segments(cls, scopes: Segments) -> MemoryGroups:
         """The groups of ``scopes`` (a partition of the coordinates, with its process group)."""
         return cls(scopes.ids, scopes.count, scopes.size, scopes.process_group)
 
@@ -218,3 +241,13 @@ class MemoryGroups:
     def dot(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-group inner products xᵀy of flat (N,) vectors, broadcast to every coordinate (N,)."""
         return self.sum((x * y).unsqueeze(0)).squeeze(0)
+
+    def any(self, flags: Tensor) -> Tensor:
+        """(N,) per-coordinate flags → (G,): whether any coordinate of each group is flagged
+        (a group with no coordinates here is not)."""
+        laid_out = self.gather(flags.to(torch.float32).unsqueeze(0))  # (G, 1, n), padding 0
+        return laid_out.sum(-1).squeeze(-1) > 0
+
+    def expand(self, flags: Tensor) -> Tensor:
+        """(G,) per-group values → (N,): each coordinate gets its group's."""
+        return flags.expand(self.size) if self.ids is None else flags[self.ids]
