@@ -521,11 +521,20 @@ def plot_suite(results: Sequence[SuiteResult], path: str | os.PathLike, columns:
     tasks = list(dict.fromkeys(r.task for r in results))
     rows = math.ceil(len(tasks) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.9 * rows), squeeze=False)
+    names = list(dict.fromkeys(r.optimizer for r in results))
+    colors = {n: plt.get_cmap("tab20" if len(names) > 10 else "tab10")(i) for i, n in enumerate(names)}
     for ax, task in zip(axes.flat, tasks):
-        for r in (r for r in results if r.task == task):
+        ax.set_prop_cycle(None)
+        rows = [r for r in results if r.task == task]
+        for r in rows:
             learned = r.lr is None
-            label = r.optimizer + ("" if learned or r.optimizer == UNTUNED else f" (lr {r.lr:.2g})")
-            plot_median_band(ax, BenchmarkResult(task, r.optimizer, r.lr or 1.0, r.curves), label, highlight=learned)
+            ax.set_prop_cycle(color=[colors[r.optimizer]])
+            plot_median_band(ax, BenchmarkResult(task, r.optimizer, r.lr or 1.0, r.curves), r.optimizer,
+                             highlight=learned)
+        finite = [v for r in rows for v in median_curve(r.curves).tolist() if 0 < v < math.inf]
+        start = max(float(median_curve(r.curves)[0]) for r in rows)
+        if finite:  # diverged runs would stretch the axis over twenty decades
+            ax.set_ylim(min(finite) * 0.7, start * 3)
         ax.set_yscale("log")
         ax.set_title(task)
         ax.set_xlabel("step")
@@ -533,8 +542,7 @@ def plot_suite(results: Sequence[SuiteResult], path: str | os.PathLike, columns:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, [lab.split(" (lr")[0] for lab in labels], loc="lower center", ncol=min(6, len(labels)),
-               fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
