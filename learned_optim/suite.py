@@ -524,15 +524,14 @@ def plot_suite(results: Sequence[SuiteResult], path: str | os.PathLike, columns:
     names = list(dict.fromkeys(r.optimizer for r in results))
     colors = {n: plt.get_cmap("tab20" if len(names) > 10 else "tab10")(i) for i, n in enumerate(names)}
     for ax, task in zip(axes.flat, tasks):
-        ax.set_prop_cycle(None)
-        rows = [r for r in results if r.task == task]
-        for r in rows:
+        panel = [r for r in results if r.task == task]
+        for r in panel:
             learned = r.lr is None
             ax.set_prop_cycle(color=[colors[r.optimizer]])
             plot_median_band(ax, BenchmarkResult(task, r.optimizer, r.lr or 1.0, r.curves), r.optimizer,
                              highlight=learned)
-        finite = [v for r in rows for v in median_curve(r.curves).tolist() if 0 < v < math.inf]
-        start = max(float(median_curve(r.curves)[0]) for r in rows)
+        finite = [v for r in panel for v in median_curve(r.curves).tolist() if 0 < v < math.inf]
+        start = max(float(median_curve(r.curves)[0]) for r in panel)
         if finite:  # diverged runs would stretch the axis over twenty decades
             ax.set_ylim(min(finite) * 0.7, start * 3)
         ax.set_yscale("log")
