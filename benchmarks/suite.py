@@ -53,8 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--out", default="results/suite", help="output directory")
     parser.add_argument("--plot", action="store_true", help="also write suite.png (needs matplotlib)")
-    parser.add_argument("--reuse", default=None, metavar="SUITE_JSON",
-                        help="take the rows of an earlier run's suite.json (same task, optimizer, seeds and lr) "
+    parser.add_argument("--reuse", default=[], nargs="+", metavar="SUITE_JSON",
+                        help="take the rows of earlier runs' suite.json (same task, optimizer, seeds and lr) "
                              "instead of running them again: a new weight is then scored against stored baselines")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
@@ -96,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     print(f"suite: {len(args.task_map)} tasks x {len(args.names)} optimizers x {len(seeds)} seeds, "
           f"{args.jobs} worker process(es)")
-    reuse = []
-    if args.reuse:
-        earlier = json.loads(Path(args.reuse).read_text())
-        reuse = [suite.SuiteResult.from_json(r) for r in earlier["results"]]
+    reuse, commands = [], []
+    for path in args.reuse:
+        earlier = json.loads(Path(path).read_text())
+        reuse += [suite.SuiteResult.from_json(r) for r in earlier["results"]]
+        commands.append(f"`{earlier['command']}`")
     eval_start = time.perf_counter()
     results = suite.evaluate_suite(args.task_map, args.names, lrs, seeds, jobs=args.jobs, log=print, reuse=reuse)
     seconds = time.perf_counter() - eval_start
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'1 thread' if args.jobs > 1 else f'{torch.get_num_threads()} threads'}; {suite.environment()}). "
               f"Tuned lrs from `{lrs_path.name}`. Final loss = mean of the last 10% of steps; median and IQR over "
               f"seeds 0..{len(seeds) - 1}."
-              + (f" {reused} of the {len(results)} rows were reused from `{args.reuse}` (command: "
-                 f"`{earlier['command']}`); their times are that run's." if reused else ""))
+              + (f" {reused} of the {len(results)} rows were reused from {', '.join(args.reuse)} (commands: "
+                 f"{'; '.join(commands)}); their times are those runs'." if reused else ""))
     report = suite.format_report(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
