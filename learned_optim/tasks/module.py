@@ -13,7 +13,7 @@ statistics) are the task's own copies, updated in place by the module's forward 
 and reset to the module's values when a run starts (:meth:`Task.init_params`).
 
 ``stack(seeds)`` vectorizes: tasks whose modules have the same structure (``repr``) and
-tensor shapes are stacked with ``torch.func.stack_module_state`` and their losses taken in
+tensor shapes have their tensors stacked (as ``torch.func.stack_module_state`` would) and their losses taken in
 one ``torch.func.vmap``; a module torch cannot vmap (``nn.GRU`` has no batching rule) falls
 back to one call per task.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
@@ -184,8 +184,7 @@ def _vmapped_stack(tasks: list[Task], groups: list[list[int]], loss_of: ModuleLo
         for j in range(len(names)):
             initial.append(torch.stack([tasks[k].initial_params[j] for k in members]))
         owners += [None if len(groups) == 1 else tuple(members)] * len(names)
-        _, buffers = stack_module_state([tasks[k].info["module"] for k in members])
-        buffers = {n: torch.stack([tasks[k].info["buffers"][n] for k in members]) for n in buffers}
+        buffers = {n: torch.stack([tasks[k].info["buffers"][n] for k in members]) for n in first.info["buffers"]}
         plans.append((members, slice(start, len(initial)), names, buffers, first.info["module"]))
     order = torch.tensor([k for members, *_ in plans for k in members])
     inverse = torch.empty_like(order)
