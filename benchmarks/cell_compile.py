@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from learned_optim.rules.lstm_gac import STEP_CHUNK, CellBuffers, lstm_cell
+from learned_optim.rules.lstm_cell import CellBuffers, lstm_cell
+from learned_optim.rules.lstm_gac import STEP_CHUNK
 
 HIDDEN = 20
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from learned_optim import LSTMOptimizer, NTMBFGS
+from learned_optim import NTMBFGS, LSTMOptimizer
 from learned_optim.benchmark import OptimizerSpec, baselines, format_table, plot_median_band, run_benchmark
 from learned_optim.tasks import get_family
 

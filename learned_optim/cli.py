@@ -200,7 +200,8 @@ def _meta_trainer(args: argparse.Namespace):
     config = MetaTrainConfig(
         rule=args.rule, rule_config=_json_argument(args.rule_config, "--rule-config"),
         init_weights=args.init_weights,
-        task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, truncation=args.truncation,
+        task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, horizon_min=args.horizon_min,
+        validation_horizon=args.validation_horizon, reparametrize=args.reparametrize, truncation=args.truncation,
         tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
         meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
         loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
@@ -256,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
     p_meta.add_argument("--tasks-per-step", type=int, default=128, help="K tasks unrolled together")
     p_meta.add_argument("--horizon", type=int, default=100, help="T inner steps per episode")
+    p_meta.add_argument("--horizon-min", type=int, default=None,
+                        help="if given, each episode's horizon is drawn log-uniformly in [this, --horizon]")
+    p_meta.add_argument("--validation-horizon", type=int, default=None, help="steps of validation runs (default: --horizon)")
+    p_meta.add_argument("--reparametrize", type=float, default=1.0,
+                        help="a ≥ 1: train on tasks whose tensors are in random units c, log-uniform in [1/a, a] (1: off)")
     p_meta.add_argument("--truncation", type=int, default=20, help="U inner steps per meta-step")
     p_meta.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on φ")
     p_meta.add_argument("--meta-lr-schedule", default="constant", choices=["constant", "cosine"],

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from learned_optim import ConjugateMomentumSGD
-
 from learned_optim.meta import (
     MAML,
     FirstOrder,

@@ -107,3 +107,52 @@ def test_bad_chunk_sizes_are_refused_by_name():
     for bad in (0, -3, 2.5, True, "16"):
         with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
             LSTMOptimizer(_params(), chunk_size=bad)
+
+
+@pytest.mark.parametrize("name", ["lstm", "ntm"])
+def test_weight_decay_is_decoupled_as_in_adamw_and_scales_with_lr(name):
+    from learned_optim import NTMBFGS
+
+    make = (lambda ps, **kw: LSTMOptimizer(ps, **kw)) if name == "lstm" else (lambda ps, **kw: NTMBFGS(ps, **kw))
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(4)]
+    grads = [torch.randn(5, 3), torch.randn(4)]
+    runs = {}
+    for decay in (0.0, 0.2):
+        params = [p.clone().requires_grad_(True) for p in start]
+        opt = make(params, lr=0.5, weight_decay=decay)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        runs[decay] = [p.detach() for p in params]
+    for before, plain, decayed in zip(start, runs[0.0], runs[0.2]):
+        # θ₁ = θ₀·(1 − lr·λ) + lr·g: the learned step g does not depend on θ, only the decay does
+        torch.testing.assert_close(decayed, plain - 0.5 * 0.2 * before)
+    params = [p.clone().requires_grad_(True) for p in start]
+    with pytest.raises(ValueError, match="weight_decay"):
+        make(params, weight_decay=-0.1)
+    opt = make(params, weight_decay=0.01)
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["weight_decay"]  # a state_dict from before the option
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_a_warmup_cosine_schedule_scales_the_learned_step_through_lr():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(6))
+    opt = LSTMOptimizer([param])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / 4 if step < 4 else 0.5)
+    reference = LSTMOptimizer([torch.nn.Parameter(param.detach().clone())])
+    for step in range(6):
+        grad = torch.randn(6)
+        before = param.detach().clone()
+        param.grad = grad
+        opt.step()
+        ref_param = reference.param_groups[0]["params"][0]
+        ref_before = ref_param.detach().clone()
+        ref_param.grad = grad.clone()
+        reference.step()
+        factor = (step + 1) / 4 if step < 4 else 0.5
+        torch.testing.assert_close(param.detach() - before, factor * (ref_param.detach() - ref_before))
+        schedule.step()

@@ -287,6 +287,10 @@ def test_non_finite_meta_losses_are_skipped_reported_and_never_applied(tmp_path)
         ({"gradient": "zeroth-order"}, "gradient"),
         ({"loss_transform": "sqrt"}, "loss_transform"),
         ({"rule": "no-such-rule"}, "unknown rule"),
+        ({"horizon": 100, "truncation": 10, "horizon_min": 5}, "horizon_min"),
+        ({"horizon": 100, "truncation": 10, "horizon_min": 200}, "horizon_min"),
+        ({"validation_horizon": 0}, "validation_horizon"),
+        ({"reparametrize": 0.5}, "reparametrize"),
     ],
 )
 def test_bad_meta_training_settings_are_refused_by_name(overrides, name):
@@ -357,3 +361,29 @@ def test_tf32_keeps_the_meta_gradient_within_one_percent_of_float32_on_cuda():
     rounded, rounded_loss = _meta_gradient("tf32", "cuda")
     assert float((rounded - exact).norm() / exact.norm()) < 1e-2
     assert abs(rounded_loss - exact_loss) <= 1e-3 * abs(exact_loss)
+
+
+def test_episode_horizons_are_log_uniform_whole_truncations_and_the_same_on_every_call(tmp_path):
+    trainer = MetaTrainer(_config(horizon=400, truncation=10, horizon_min=20), tmp_path, progress=False, log=None)
+    horizons = [trainer.episode_horizon(e) for e in range(400)]
+    assert horizons == [trainer.episode_horizon(e) for e in range(400)]
+    assert all(h % 10 == 0 and 20 <= h <= 400 for h in horizons)
+    # log-uniform on [20, 400]: the median near √(20·400) ≈ 89, not the uniform 210
+    assert 70 <= sorted(horizons)[200] <= 115, sorted(horizons)[200]
+    fixed = MetaTrainer(_config(horizon=40, truncation=10), tmp_path / "fixed", progress=False, log=None)
+    assert {fixed.episode_horizon(e) for e in range(20)} == {40}
+
+
+def test_reparametrized_episodes_run_in_other_units_and_meta_training_still_learns(tmp_path):
+    config = _config(episodes=30, meta_lr=1e-2, reparametrize=4.0)
+    trainer = MetaTrainer(config, tmp_path, progress=False, log=None)
+    plain = MetaTrainer(_config(episodes=30, meta_lr=1e-2), tmp_path / "plain", progress=False, log=None)
+    a, b = trainer.episode_stack(3), plain.episode_stack(3)
+    ratios = [x / y for x, y in zip(a.initial_params, b.initial_params)]
+    assert any(not torch.allclose(r, torch.ones_like(r)) for r in ratios)
+    assert all(r.min() >= 0.25 - 1e-9 and r.max() <= 4.0 + 1e-9 for r in ratios)
+    assert torch.allclose(a.losses(a.init_params()), b.losses(b.init_params()))  # the same problems
+    summary = trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["kind"] == "validation")
+    assert summary["best_validation"]["meta_loss"] < 0.7 * first["meta_loss"], (first, summary)

@@ -363,7 +363,7 @@ def test_indefinite_memories_are_reset_per_group_and_in_place_as_in_forward(memo
     on a convex group (its reads point uphill), while a concave group never writes (yᵀs < 0):
     only the convex group's memory is reset (its updates change), the concave group's updates
     are exactly those without the reset, and step_ agrees with forward throughout."""
-    from learned_optim.rules.lstm_gac import Segments
+    from learned_optim.rules.segments import Segments
 
     rule = NTMBFGSRule(NTMBFGSConfig(memory=memory, memory_capacity=6), seed=3).double()
     gen = torch.Generator().manual_seed(8)

@@ -4,13 +4,12 @@ paper's MNIST net on held-out images well below what tuned SGD reaches in the sa
 from __future__ import annotations
 
 import pytest
+from test_tasks import mnist_root
 
 from learned_optim import LSTMOptimizer
-from learned_optim.benchmark import baselines, final_loss, quantile, run_seed, OptimizerSpec
+from learned_optim.benchmark import OptimizerSpec, baselines, final_loss, quantile, run_seed
 from learned_optim.optim.lstm import DEFAULT_WEIGHTS
 from learned_optim.tasks import get_family
-
-from test_tasks import mnist_root
 
 needs_mnist = pytest.mark.skipif(mnist_root() is None, reason="MNIST files not found (set LEARNED_OPTIM_DATA)")
 

@@ -318,7 +318,7 @@ def test_in_place_step_in_one_chunk_is_bitwise_the_differentiable_step_in_float3
 
 def test_tanh_from_sigmoid_stays_within_its_stated_float32_error():
     """lstm_cell's 2σ(2x) − 1 against torch.tanh in float64: |error| ≤ 2.4e-7 in float32."""
-    from learned_optim.rules.lstm_gac import CellBuffers, lstm_cell
+    from learned_optim.rules.lstm_cell import CellBuffers, lstm_cell
 
     x = torch.linspace(-12, 12, 200_001)
     gates = torch.cat((torch.zeros(2, x.numel()), 2 * x.unsqueeze(0), torch.full((1, x.numel()), 30.0)))
@@ -376,3 +376,60 @@ def test_in_place_step_refuses_mismatched_inputs_by_name_before_changing_anythin
         with pytest.raises(ValueError, match=message):
             rule.step_(**args)
         assert torch.equal(state, before)
+
+
+NORMALIZED = dict(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.999, input_features="normalized")
+
+
+def test_normalized_inputs_need_the_second_moment_and_a_known_name():
+    with pytest.raises(ValueError, match="needs momentum_rms_decay"):
+        LSTMGACConfig(momentum_decays=(0.9,), input_features="normalized")
+    with pytest.raises(ValueError, match="input_features must be one of"):
+        LSTMGACConfig(input_features="raw")
+    assert LSTMGACConfig(**NORMALIZED).input_size == 4  # ∇/√v and three directions
+    assert LSTMGACConfig(momentum_decays=(0.9,)).input_size == 4  # log/sign of ∇ and of one sum
+
+
+def test_a_fresh_normalized_rule_takes_adams_first_step_by_hand():
+    rule = LSTMGACRule(LSTMGACConfig(**NORMALIZED), seed=0)
+    grad = torch.tensor([3.0, -0.02, 5e-4, -40.0])
+    update, _ = rule(grad, rule.init_state(4), Segments.single(4))
+    # v₁ = (1−β₂)∇², d = (1−0.9)·∇/(√v₁ + ε) ≈ 0.1·sign ∇/√0.001, step −0.01·d
+    expected = -0.01 * 0.1 * grad / (math.sqrt(0.001) * grad.abs() + 1e-8)
+    torch.testing.assert_close(update, expected, rtol=1e-5, atol=0)
+
+
+def test_the_normalized_rule_is_invariant_to_each_tensors_gradient_scale():
+    torch.manual_seed(0)
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=8, **NORMALIZED), seed=3)
+    with torch.no_grad():  # a trained-looking rule: every term of the output in use
+        for p in rule.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    segments = Segments.from_sizes([5, 7])
+    scales = torch.cat([torch.full((5,), 0.1), torch.full((7,), 1000.0)])  # per tensor
+    state_a, state_b = rule.init_state(12), rule.init_state(12)
+    for _ in range(6):
+        grad = torch.sign(torch.randn(12)) * (0.5 + torch.rand(12))  # ε/√v ≤ 1e-8/(√0.001·0.05) = 6e-6
+        a, state_a = rule(grad, state_a, segments)
+        b, state_b = rule(grad * scales, state_b, segments)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    log_sign = LSTMGACRule(LSTMGACConfig(hidden_size=8, momentum_decays=(0.9,), momentum_rms_decay=0.999), seed=3)
+    a, _ = log_sign(grad, log_sign.init_state(12), segments)
+    b, _ = log_sign(grad * scales, log_sign.init_state(12), segments)
+    assert not torch.allclose(a, b, rtol=1e-3)  # the paper's inputs see the scale (the property is not vacuous)
+
+
+def test_the_in_place_step_of_the_normalized_rule_matches_the_differentiable_one():
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=8, **NORMALIZED), seed=1)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(torch.randn_like(p, generator=None) * 0.2)
+    segments = Segments.from_sizes([30, 50])
+    state, flat = rule.init_state(80), rule.init_state(80)
+    out = torch.empty(80)
+    for step in range(3):
+        grad = torch.randn(80)
+        expected, state = rule(grad, state, segments)
+        rule.step_(grad.clone(), flat, segments, out, chunk=16, sigmoid_tanh=False)
+        torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat, state.detach(), rtol=1e-5, atol=1e-6)

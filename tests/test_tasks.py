@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from learned_optim.tasks import (
-    ClassificationData,
     MLPFamily,
     Task,
     TaskFamily,
@@ -279,3 +278,63 @@ def test_mixed_mlp_family_draws_architectures_per_task():
     assert family.stack(others).param_tasks[0] == 0
     with pytest.raises(ValueError, match="activation must be one of"):
         MixedMLPFamily(data, activations=("gelu",))
+
+
+def test_concatenated_stacks_give_each_stacks_losses_and_owners_in_order():
+    from learned_optim.tasks import TaskStack
+
+    quad = get_family("quadratic", dim=3)
+    a, b = quad.stack([1, 2]), TaskStack.of([quad.sample(5)])
+    both = TaskStack.concatenate([a, b])
+    assert both.num_tasks == 3
+    assert both.param_tasks == [(0, 1)] * len(a.initial_params) + [2] * len(b.initial_params)
+    params = both.init_params()
+    losses = both.losses(params, both.sample_batch(both.new_stream()))
+    expected = torch.cat([a.losses(a.init_params()), b.losses(b.init_params(), None)])
+    torch.testing.assert_close(losses, expected)
+
+
+def test_a_mixture_draws_each_seeds_task_from_one_component_the_same_way_every_time():
+    from learned_optim.tasks import MixtureFamily
+
+    quad, rosen = get_family("quadratic", dim=3), get_family("rosenbrock")
+    mix = MixtureFamily([quad, rosen])
+    picks = [mix.choose(s) for s in range(200)]
+    assert picks == [mix.choose(s) for s in range(200)] and 60 < sum(picks) < 140  # both drawn, about evenly
+    seeds = list(range(6))
+    stack = mix.stack(seeds)
+    losses = stack.losses(stack.init_params(), stack.sample_batch(stack.new_stream()))
+    for k, seed in enumerate(seeds):  # task k is seed k's task of its component
+        task = (quad, rosen)[picks[seed]].sample(seed)
+        torch.testing.assert_close(losses[k], task.loss(task.init_params()))
+    with pytest.raises(ValueError, match="at least one component"):
+        MixtureFamily([])
+
+
+def test_suite_mix_names_a_missing_component(mnist_dir):
+    with pytest.raises(ValueError, match="no component 'mnist-vit'"):
+        get_family("suite-mix", root=mnist_dir, components=["mnist-vit"])
+    mix = get_family("suite-mix", root=mnist_dir, components=["text-gru", "mnist-conv"])
+    assert len(mix.components) == 3  # the GRU and both convnets (with and without batch norm)
+
+
+def test_a_reparametrized_task_is_the_same_problem_in_other_units():
+    from learned_optim.tasks import random_scales, reparametrized
+
+    stack = get_family("quadratic", dim=4).stack([0, 1, 2])
+    scales = random_scales(stack, 10.0, torch.Generator().manual_seed(0))
+    assert all(s.shape == (3,) + (1,) * (p.dim() - 1) for s, p in zip(scales, stack.initial_params))
+    assert all(0.1 <= float(s.min()) and float(s.max()) <= 10 for s in scales)
+    scaled = reparametrized(stack, scales)
+    theta = [p + 0.3 for p in stack.init_params()]  # a point in the old units, and the same point in the new
+    theta_new = [(p * c).detach().requires_grad_(True) for p, c in zip(theta, scales)]
+    theta = [p.detach().requires_grad_(True) for p in theta]
+    f, f_new = stack.losses(theta).sum(), scaled.losses(theta_new).sum()
+    torch.testing.assert_close(f_new, f)
+    grads, grads_new = torch.autograd.grad(f, theta), torch.autograd.grad(f_new, theta_new)
+    for g, g_new, c in zip(grads, grads_new, scales):
+        torch.testing.assert_close(g_new, g / c)  # ∇f̃ = ∇f / c
+    with pytest.raises(ValueError, match="strength"):
+        random_scales(stack, 0.5, torch.Generator())
+    with pytest.raises(ValueError, match=f"{len(scales) + 1} scales for {len(scales)} parameter tensors"):
+        reparametrized(stack, scales + scales[:1])

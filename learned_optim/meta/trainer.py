@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..rules import load_rule, rule_from_config, save_rule
 from ..rules.weights import _RULES
-from ..tasks import TaskFamily, get_family
+from ..tasks import TaskFamily, TaskStack, get_family, random_scales, reparametrized
 from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, meta_loss
 from .unroll import GRADIENT_MODES, PRECISIONS, Unroll, check_precision, float32_matmul_precision
 
@@ -76,7 +76,10 @@ class MetaTrainConfig:
     init_weights: str | None = None  # start φ from these weights (NTM-BFGS: its controller from LSTM+GAC ones)
     task: str = "quadratic"
     task_kwargs: dict[str, Any] = field(default_factory=dict)
-    horizon: int = 100  # T
+    horizon: int = 100  # T (with horizon_min: the longest an episode draws)
+    horizon_min: int | None = None  # if set, episode horizons log-uniform in [horizon_min, horizon] (see episode_horizon)
+    validation_horizon: int | None = None  # steps of a validation run (default: horizon)
+    reparametrize: float = 1.0  # a ≥ 1: each training task's tensors in random units c ∈ [1/a, a] (1: off)
     truncation: int = 20  # U
     tasks_per_step: int = 128  # K, unrolled together
     episodes: int = 1000
@@ -105,6 +108,16 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.horizon % self.truncation:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of truncation ({self.truncation})")
+        for name in ("horizon_min", "validation_horizon"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.horizon_min is not None and not self.truncation <= self.horizon_min <= self.horizon:
+            raise ValueError(f"horizon_min ({self.horizon_min}) must lie between truncation ({self.truncation}) "
+                             f"and horizon ({self.horizon})")
+        if not isinstance(self.reparametrize, (int, float)) or not math.isfinite(self.reparametrize) \
+                or self.reparametrize < 1:
+            raise ValueError(f"reparametrize must be a finite number ≥ 1 (1: off), got {self.reparametrize!r}")
         for name in ("meta_lr", "clip_grad_norm", "explode_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -127,7 +140,8 @@ class MetaTrainConfig:
 
     def training(self) -> dict[str, Any]:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
-        keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "truncation", "tasks_per_step",
+        keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "horizon_min",
+                "validation_horizon", "reparametrize", "truncation", "tasks_per_step",
                 "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "loss_transform", "select_by", "validate_every",
                 "validation_tasks", "explode_ratio", "seed", "precision")
         return {k: getattr(self, k) for k in keep}
@@ -233,7 +247,9 @@ class MetaTrainer:
             return False
         payload = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(payload["config"])
-        saved.setdefault("precision", "float32")  # a checkpoint from before the option
+        for key, default in (("precision", "float32"), ("horizon_min", None), ("validation_horizon", None),
+                             ("reparametrize", 1.0)):
+            saved.setdefault(key, default)  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
             raise ValueError(f"{path} is a checkpoint of other training settings ({', '.join(diff)}); "
@@ -284,16 +300,38 @@ class MetaTrainer:
         progress = min(1.0, episode / max(1, cfg.episodes - 1))
         return cfg.meta_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    def episode_horizon(self, episode: int) -> int:
+        """T of ``episode``: ``horizon``, or with ``horizon_min`` a log-uniform draw in
+        [horizon_min, horizon] rounded to whole truncations (a function of seed and episode, so
+        resumes and the ranks agree). Long horizons teach the rule what users run it for."""
+        cfg = self.config
+        if cfg.horizon_min is None:
+            return cfg.horizon
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + episode)
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        drawn = math.exp(math.log(cfg.horizon_min) + u * (math.log(cfg.horizon) - math.log(cfg.horizon_min)))
+        return min(cfg.horizon, max(cfg.truncation, round(drawn / cfg.truncation) * cfg.truncation))
+
+    def episode_stack(self, episode: int) -> TaskStack:
+        """The K tasks of ``episode`` (this rank's share), in random units if ``reparametrize`` > 1."""
+        cfg = self.config
+        stack = self.family.stack(self._episode_seeds(episode), device=self.device)
+        if cfg.reparametrize > 1:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + episode + 7)
+            gen.manual_seed(int(torch.randint(2**62, (), generator=gen)) + self.rank)
+            stack = reparametrized(stack, random_scales(stack, cfg.reparametrize, gen))
+        return stack
+
     def run_episode(self) -> list[float]:
         """One episode: K fresh tasks, T/U meta-steps. Returns the applied meta-losses."""
         cfg = self.config
-        stack = self.family.stack(self._episode_seeds(self.episode), device=self.device)
+        stack = self.episode_stack(self.episode)
         for group in self.optimizer.param_groups:
             group["lr"] = self.meta_lr(self.episode)
         unroll = Unroll(self.rule, stack, cfg.gradient, cfg.precision)
         state = unroll.start()
         applied = []
-        for truncation in range(cfg.horizon // cfg.truncation):
+        for truncation in range(self.episode_horizon(self.episode) // cfg.truncation):
             with float32_matmul_precision(cfg.precision):  # the meta-gradient's backward pass too
                 result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
             params = list(self.rule.parameters())
@@ -326,7 +364,8 @@ class MetaTrainer:
     def run_validation(self) -> dict[str, float]:
         self.rule.eval()
         if self.rank == 0:
-            scores = validate(self.rule, self.family, self.validation_seeds, self.config.horizon,
+            scores = validate(self.rule, self.family, self.validation_seeds,
+                              self.config.validation_horizon or self.config.horizon,
                               self.config.loss_transform, self.device)
         if self.world > 1:  # the others wait for rank 0's scores, so all keep the same best φ
             import torch.distributed as dist
@@ -375,7 +414,8 @@ class MetaTrainer:
             self.run_validation()
         self.save_checkpoint()
         self.rule.load_state_dict(self.best_rule)
-        return {"episodes": self.episode, "meta_steps": self.episode * (cfg.horizon // cfg.truncation),
+        meta_steps = sum(self.episode_horizon(e) for e in range(self.episode)) // cfg.truncation
+        return {"episodes": self.episode, "meta_steps": meta_steps,
                 "train_seconds": round(self.elapsed, 1), "skipped_truncations": self.skipped,
                 "best_validation": self.best, "device": str(self.device)}
 

@@ -119,6 +119,8 @@ class PackageOptimizer(Optimizer):
         ``state_dict`` in the dtype ``_state_dtype`` names.
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # fills options a state from an older version lacks (their defaults)
+            self._check_group(group)
         saved = state_dict["state"]
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

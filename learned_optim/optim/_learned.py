@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules import load_rule
-from ._base import PackageOptimizer
+from ._base import PackageOptimizer, check_positive
 
 __all__ = ["LearnedRuleOptimizer", "rule_fingerprint"]
 
@@ -75,6 +75,18 @@ class LearnedRuleOptimizer(PackageOptimizer):
         state.update(rule=self.rule, weights_metadata=self.weights_metadata,
                      _fingerprint=self._fingerprint, _rules_on={}, _segments={}, _packed={}, _flat={})
         return state
+
+    @staticmethod
+    def _check_weight_decay(group: dict[str, Any]) -> None:
+        check_positive(group.setdefault("weight_decay", 0.0), "weight_decay", allow_zero=True)  # 0: a state from before
+
+    @staticmethod
+    def _decay(group: dict[str, Any], params: list[Tensor]) -> None:
+        """Decoupled weight decay, as AdamW: θ ← θ·(1 − lr·λ), before the learned step is added
+        (so a schedule that scales ``lr`` scales the decay with it)."""
+        decay = group["lr"] * group["weight_decay"]
+        if decay:
+            torch._foreach_mul_(params, 1.0 - decay)
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
         return self.rule.dtype if key in self.rule_state_keys else super()._state_dtype(param, key)

@@ -49,6 +49,9 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             to ``NAME.safetensors``/``NAME.json``, an :class:`LSTMGACRule` (copied), or
             ``None`` for a freshly initialised rule (seeded by ``seed``; for meta-training).
         lr: multiplies the learned update; 1 is what the weights were meta-trained with.
+        weight_decay: λ of decoupled weight decay, as in AdamW: θ ← θ·(1 − lr·λ) each step
+            before the learned step (with the default lr of 1, λ is the fraction decayed per
+            step: ``AdamW(lr=1e-3, weight_decay=0.01)`` decays by 1e-5 per step, as λ = 1e-5 does here).
         check_finite: refuse NaN/inf gradients (naming the parameter) before touching anything.
         seed: initialisation seed when ``weights`` is None.
         chunk_size: coordinates per chunk of the in-place step (a speed knob, not a change of
@@ -65,15 +68,17 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         weights: str | os.PathLike | LSTMGACRule | None = DEFAULT_WEIGHTS,
         *,
         lr: float = 1.0,
+        weight_decay: float = 0.0,
         check_finite: bool = True,
         seed: int = 0,
         chunk_size: int | None = None,
     ) -> None:
         self._load(weights, seed, lambda s: LSTMGACRule(seed=s))
-        super().__init__(params, dict(lr=lr, check_finite=check_finite, chunk_size=chunk_size))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite, chunk_size=chunk_size))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
+        self._check_weight_decay(group)
         chunk = group.setdefault("chunk_size", None)  # a state_dict saved before the option existed
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk!r}")
@@ -98,4 +103,5 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk)
             targets = [params[i] for i in indices]
             updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
+            self._decay(group, targets)
             torch._foreach_add_(targets, updates, alpha=group["lr"])

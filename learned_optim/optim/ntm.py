@@ -63,6 +63,9 @@ class NTMBFGS(LearnedRuleOptimizer):
         memory_capacity: K, the write pairs the limited memory keeps; None keeps the weights'.
         lr: multiplies the learned update; 1 is what the weights were meta-trained with (the
             rule's memory is built from its own steps, so other values change its meaning).
+        weight_decay: λ of decoupled weight decay, as in AdamW: θ ← θ·(1 − lr·λ) each step
+            before the learned step (with the default lr of 1, λ is the fraction decayed per
+            step: ``AdamW(lr=1e-3, weight_decay=0.01)`` decays by 1e-5 per step, as λ = 1e-5 does here).
         check_finite: refuse NaN/inf gradients (naming the parameter) before touching anything.
         seed: initialisation seed when ``weights`` is None.
     """
@@ -79,6 +82,7 @@ class NTMBFGS(LearnedRuleOptimizer):
         memory: str | None = None,
         memory_capacity: int | None = None,
         lr: float = 1.0,
+        weight_decay: float = 0.0,
         check_finite: bool = True,
         seed: int = 0,
     ) -> None:
@@ -88,10 +92,11 @@ class NTMBFGS(LearnedRuleOptimizer):
                 self.rule = self.rule.with_memory(memory, memory_capacity)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"NTMBFGS: {error}") from None
-        super().__init__(params, dict(lr=lr, check_finite=check_finite))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
+        self._check_weight_decay(group)
         if self.rule.config.memory == "dense" and any(shard_group(p) is not None for p in group["params"]):
             raise ValueError("NTMBFGS: the dense memory (n × n) cannot be sharded across ranks, and these "
                              "parameters are sharded (FSDP); use memory='limited' (or 'auto', which picks it)")
@@ -126,6 +131,7 @@ class NTMBFGS(LearnedRuleOptimizer):
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
         new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device))
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
+        self._decay(group, params)
         torch._foreach_add_(params, updates, alpha=group["lr"])
         owner["memory"] = new_memory
         owner["memory_params"] = covered

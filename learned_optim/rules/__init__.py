@@ -7,10 +7,12 @@ tensor or a tuple of tensors (NTM-BFGS: per-coordinate rows and the group memori
 module serves the drop-in optimizers (under ``no_grad``) and the meta-trainer (with graph).
 """
 
-from .lstm_gac import LSTMGACConfig, LSTMGACCore, LSTMGACRule, Segments
+from .lstm_cell import LSTMGACCore
+from .lstm_gac import LSTMGACConfig, LSTMGACRule
 from .ntm_bfgs import BFGSHeads, HeadInputs, LearnedHeads, NTMBFGSConfig, NTMBFGSRule, NTMLayout
 from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
 from .preprocess import log_sign_preprocess
+from .segments import Segments
 from .weights import (
     WeightsError,
     available_weights,

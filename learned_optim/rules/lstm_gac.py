@@ -25,6 +25,11 @@ any gradient sequence (Cauchy–Schwarz; β_j² < β₂ is required), so every s
 invariant to the scale of the gradients: a rule meta-trained on one loss scale cannot blow up
 on another the way unnormalized heavy ball does with too large a step size.
 
+With ``input_features="normalized"`` the LSTM reads those normalized quantities too (∇/√v and
+the d_j) instead of the log/sign features, so the whole rule, inputs and output, is unchanged
+when the gradients are rescaled (per tensor or overall): the step's size is what the rule
+learned, in the parameters' units, like Adam's lr (``lr`` of the drop-in optimizer multiplies it).
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere.
@@ -32,22 +37,29 @@ with the graph kept. There is no second copy of this math anywhere.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .lstm_cell import CellBuffers, LSTMGACCore
 from .preprocess import log_sign_preprocess
+from .segments import Segments
 
-__all__ = ["LSTMGACConfig", "LSTMGACCore", "LSTMGACRule", "Segments"]
+__all__ = ["LSTMGACConfig", "LSTMGACRule", "default_chunk"]
 
 GAC_SCOPES = ("tensor", "group")
+# The LSTM's per-coordinate inputs. "log-sign": the paper's (log|x|/p, sign x) of ∇ and of each
+# momentum sum: they carry the gradient's absolute scale, so a rule meta-trained on one scale
+# sees another one out of distribution. "normalized": ∇/(√v + ε) and the momentum directions
+# d_j = (1−β_j)·m_j/(√v + ε) (RNNprop's Adam-like inputs, Lv et al. 2017): bounded (|∇/√v| ≤
+# 1/√(1−β₂)) and unchanged when the gradients are multiplied by any c > 0 (up to ε).
+INPUT_FEATURES = ("log-sign", "normalized")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
+FRESH_MOMENTUM_STEP = 0.01  # a fresh "normalized" rule's step on its β≈0.9 direction: Adam(lr=0.01)-like
 # Coordinates per chunk of the in-place step on the CPU: the gates of a chunk (80 × 16384
 # floats, 5 MB) and its layer inputs stay in cache. At 1e6 coordinates on the 2-core CI machine
 # (benchmarks/step_speed.py --sizes 1e6 --lstm-chunk N): 4096: 320 ms, 8192: 245 ms,
@@ -75,6 +87,7 @@ class LSTMGACConfig:
     extra_inputs: int = 0  # inputs besides the 2 preprocessed features (NTM-BFGS's read)
     momentum_decays: tuple[float, ...] = ()  # β_j of the momentum sums (empty: the paper's rule)
     momentum_rms_decay: float | None = None  # β₂: normalize the momentum directions by √v (None: raw sums)
+    input_features: str = "log-sign"  # the LSTM's inputs: "log-sign" (the paper's) or "normalized" (see INPUT_FEATURES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -91,6 +104,10 @@ class LSTMGACConfig:
                 if beta * beta >= beta2:
                     raise ValueError(f"momentum_rms_decay ({beta2}) must exceed the square of every momentum "
                                      f"decay (β² = {beta * beta:.6g} for β = {beta}) to keep steps bounded")
+        if self.input_features not in INPUT_FEATURES:
+            raise ValueError(f"input_features must be one of {INPUT_FEATURES}, got {self.input_features!r}")
+        if self.input_features == "normalized" and beta2 is None:
+            raise ValueError("input_features 'normalized' needs momentum_rms_decay (the features are divided by √v)")
         for name in ("hidden_size", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -112,6 +129,12 @@ class LSTMGACConfig:
         out = asdict(self)
         out["momentum_decays"] = list(self.momentum_decays)
         return out
+
+    @property
+    def input_size(self) -> int:
+        """Inputs of the LSTM per coordinate: the features of ∇ and the momentum sums, then the extra rows."""
+        per_signal = 2 if self.input_features == "log-sign" else 1
+        return per_signal * (1 + len(self.momentum_decays)) + self.extra_inputs
 
     @property
     def lstm_rows(self) -> int:
@@ -137,251 +160,6 @@ class LSTMGACConfig:
         return cls(**data)
 
 
-class Segments:
-    """The averaging scopes of the global averaging cells over N flat coordinates.
-
-    ``ids[i]`` is the scope of coordinate i (0 ≤ ids < count). The mean is a sum divided by
-    a count, so it does not depend on the order of the coordinates (up to float rounding).
-
-    With a ``process_group``, the coordinates are this rank's shard of tensors sharded across
-    the group (FSDP): sums and counts are all-reduced, so every scope's sum and mean is over
-    the whole tensor on every rank, as in the unsharded run. (Not differentiable: for the
-    drop-in step.)
-    """
-
-    def __init__(self, ids: Tensor | None, count: int, size: int, process_group: Any = None,
-                 lengths: Sequence[int] | None = None) -> None:
-        self.ids, self.count, self.size = ids, count, size
-        self.process_group = process_group
-        # Scope lengths when the scopes are consecutive runs of coordinates (one per tensor):
-        # lets the chunked step sum a chunk that lies in one scope without index_add.
-        self.lengths = tuple(int(n) for n in lengths) if lengths is not None else None
-        self._counts: Tensor | None = None  # per scope, over every rank, at least 1: made on first use
-        self._plans: dict[int, list[tuple[int, int, int | None]]] = {}
-
-    @classmethod
-    def single(cls, size: int, process_group: Any = None) -> Segments:
-        """All coordinates in one scope."""
-        return cls(None, 1, size, process_group)
-
-    @classmethod
-    def from_sizes(cls, sizes: Sequence[int], device: torch.device | str | None = None,
-                   process_group: Any = None) -> Segments:
-        """Consecutive scopes of the given sizes (e.g. the numel of each parameter tensor)."""
-        if len(sizes) == 1:
-            return cls.single(int(sizes[0]), process_group)
-        lengths = torch.tensor(list(sizes), dtype=torch.long, device=device)
-        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
-        return cls(ids, len(sizes), int(lengths.sum()), process_group, lengths=sizes)
-
-    @classmethod
-    def from_ids(cls, ids: Tensor, count: int) -> Segments:
-        return cls(ids, count, ids.shape[0])
-
-    def sums(self, x: Tensor) -> Tensor:
-        """(k, N) → (k, count): the sum over each scope (over every rank's shard)."""
-        if self.ids is None:
-            sums = x.sum(dim=1, keepdim=True)
-        else:
-            sums = torch.zeros(x.shape[0], self.count, dtype=x.dtype, device=x.device).index_add(1, self.ids, x)
-        return all_reduced(sums, self.process_group)
-
-    def counts(self, like: Tensor) -> Tensor:
-        """(count,) coordinates per scope (over every rank's shard; empty scopes count 1, so
-        their mean is 0, not NaN), in ``like``'s dtype and device."""
-        if self._counts is None:
-            local = torch.full((1,), self.size, dtype=torch.long, device=like.device) if self.ids is None \
-                else torch.bincount(self.ids, minlength=self.count).to(like.device)
-            self._counts = all_reduced(local, self.process_group).clamp_min(1)
-        return self._counts.to(like.dtype)
-
-    def _broadcast(self, per_scope: Tensor, like: Tensor) -> Tensor:
-        return per_scope.expand_as(like) if self.ids is None else per_scope.index_select(1, self.ids)
-
-    def sum(self, x: Tensor) -> Tensor:
-        """(k, N) → (k, N): every coordinate's column replaced by the sum over its scope."""
-        return self._broadcast(self.sums(x), x)
-
-    def mean(self, x: Tensor) -> Tensor:
-        """(k, N) → (k, N): every coordinate's column replaced by the mean over its scope."""
-        if self.ids is None and self.process_group is None:
-            return x.mean(dim=1, keepdim=True).expand_as(x)
-        return self._broadcast(self.sums(x) / self.counts(x), x)
-
-
-    def chunks(self, width: int) -> list[tuple[int, int, int | None]]:
-        """The coordinates cut into consecutive chunks [start, stop) of ``width``, each with the
-        one scope it lies in, or None if it spans several (its sums then need the ids)."""
-        if width not in self._plans:
-            ends = list(itertools.accumulate(self.lengths)) if self.lengths is not None else None
-            plan = []
-            for start in range(0, self.size, width):
-                stop = min(start + width, self.size)
-                scope: int | None
-                if self.ids is None:
-                    scope = 0
-                elif ends is not None:  # the scopes holding the chunk's first and last coordinates
-                    first, last = bisect.bisect_right(ends, start), bisect.bisect_right(ends, stop - 1)
-                    scope = first if first == last else None
-                else:
-                    scope = None
-                plan.append((start, stop, scope))
-            self._plans[width] = plan
-        return self._plans[width]
-
-    def add_sums(self, sums: Tensor, x: Tensor, start: int, scope: int | None) -> None:
-        """Add the sums over each scope of the chunk ``x`` (k, n) of coordinates from ``start``
-        to ``sums`` (k, count), in place (for the chunked step; not all-reduced yet)."""
-        if scope is not None:
-            sums[:, scope] += x.sum(dim=1)
-        else:  # chunks spanning scopes exist only where there are ids
-            sums.index_add_(1, cast(Tensor, self.ids)[start : start + x.shape[1]], x)
-
-    def fill_means(self, rows: Tensor, sums: Tensor, width: int) -> None:
-        """Overwrite ``rows`` (k, N) with each coordinate's scope mean, given this rank's sums
-        (k, count) of them (all-reduced here when the coordinates are sharded); chunk by chunk
-        of ``width`` as :meth:`chunks` cuts them (a chunk in one scope is a broadcast copy)."""
-        means = all_reduced(sums, self.process_group) / self.counts(sums)
-        for start, stop, scope in self.chunks(width):
-            if scope is not None:
-                rows[:, start:stop].copy_(means[:, scope : scope + 1].expand(-1, stop - start))
-            else:
-                rows[:, start:stop].copy_(means.index_select(1, cast(Tensor, self.ids)[start:stop]))
-
-def all_reduced(x: Tensor, process_group: Any) -> Tensor:
-    """``x`` summed over the ranks of ``process_group`` (``x`` itself without one): how the
-    rules' sums over coordinates stay global when the coordinates are sharded."""
-    if process_group is None:
-        return x
-    import torch.distributed as dist
-
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=process_group)
-    return x
-
-
-@dataclass(frozen=True)
-class CellBuffers:
-    """Where one chunk's LSTM layer writes in the in-place step; every field None (the
-    differentiable path): fresh tensors. ``h`` and ``c`` are views of the rule state (``c``
-    holds the old c, overwritten); the others are scratch."""
-
-    inputs: Tensor | None = None  # [x; h]: (in_l + H, n)
-    gates: Tensor | None = None  # pre-activations, then σ of them: (4H, n)
-    tanh: Tensor | None = None  # tanh(c): (H, n)
-    h: Tensor | None = None
-    c: Tensor | None = None
-
-
-NO_BUFFERS = CellBuffers()
-
-
-def lstm_cell(gates: Tensor, c: Tensor, hidden: int, out: CellBuffers = NO_BUFFERS,
-              sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
-    """The LSTM cell on pre-activations (4H, n), gate order i, f, g, o:
-
-        c ← σ(f)⊙c + σ(i)⊙tanh(g),    h = σ(o)⊙tanh(c).
-
-    The one copy of the cell's math: the chunked drop-in step passes ``out`` buffers (every op
-    writes into them; nothing is allocated), the meta-trainer none (differentiable).
-
-    ``sigmoid_tanh`` computes tanh(x) as 2σ(2x) − 1 (the g rows of ``gates`` then hold 2g, see
-    :meth:`LSTMGACCore.gate_weights`), so one sigmoid pass serves all four gates: torch's CPU
-    tanh runs at about a sixth of its sigmoid's rate. Same function, but rounded in absolute
-    terms (|error| ≤ 2.4e-7 in float32, against tanh's relative 1 ulp): near 0 it is coarser,
-    which makes float32 runs that differ only in summation order drift apart faster (NTM-BFGS
-    sharded vs unsharded, 12 steps of tests/test_distributed.py: about 20× further apart). The drop-in LSTM step uses it; the differentiable
-    path and NTM-BFGS keep torch.tanh.
-    """
-    if not sigmoid_tanh:
-        into = out.gates is not None  # activations overwrite the pre-activations in the buffer
-        input_forget, g, o = gates.split((2 * hidden, hidden, hidden))
-        i, f = torch.sigmoid(input_forget, out=input_forget if into else None).split(hidden)
-        g = torch.tanh(g, out=g if into else None)
-        o = torch.sigmoid(o, out=o if into else None)
-        c = torch.addcmul(torch.mul(f, c, out=out.c), i, g, out=out.c)
-        return torch.mul(o, torch.tanh(c, out=out.tanh), out=out.h), c
-    s = torch.sigmoid(gates, out=out.gates)
-    i, f, g, o = s.split(hidden)
-    c = torch.sub(torch.addcmul(torch.mul(f, c, out=out.c), i, g, value=2, out=out.c), i, out=out.c)  # f⊙c + i⊙(2σ_g − 1)
-    t = torch.sigmoid(torch.mul(c, 2, out=out.tanh), out=out.tanh)
-    t = torch.sub(torch.mul(t, 2, out=out.tanh), 1, out=out.tanh)
-    return torch.mul(o, t, out=out.h), c
-
-
-class LSTMGACCore(nn.Module):
-    """Stacked LSTM cells over N coordinates at once, with global averaging cells.
-
-    Feature-major layout: activations are (features, N), so every gate is a contiguous
-    (H, N) block and elementwise work runs on dense memory (8× faster on CPU than strided
-    (N, H) column slices). Layer l computes its gates with one matrix multiply,
-    Wₗᵀ (4H, in_l + H) @ [x; h] (in_l + H, N); the stored Wₗ is (in_l + H, 4H), gate order
-    i, f, g, o; the forget bias starts at 1. State: (L, 2, H, N) holding h and c per layer.
-    """
-
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, gac_cells: int,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.input_size, self.hidden_size = input_size, hidden_size
-        self.num_layers, self.gac_cells = num_layers, gac_cells
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        self._g_doubled: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # see gate_weights
-        for layer in range(num_layers):
-            fan_in = (input_size if layer == 0 else hidden_size) + hidden_size
-            bound = 1.0 / math.sqrt(hidden_size)
-            w = (torch.rand(fan_in, 4 * hidden_size, generator=generator) * 2 - 1) * bound
-            b = torch.zeros(4 * hidden_size)
-            b[hidden_size : 2 * hidden_size] = 1.0  # forget gate: remember by default
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(b))
-
-    def gate_weights(self, layer: int, sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
-        """Wₗᵀ (4H, in_l + H) and bₗ (4H, 1), differentiable in φ. With ``sigmoid_tanh`` the
-        cell-input gate's rows are doubled (exactly), for :func:`lstm_cell`'s tanh(x) = 2σ(2x) − 1."""
-        w, b = self.weights[layer], self.biases[layer]
-        if not sigmoid_tanh:
-            return w.t(), b.unsqueeze(1)
-        key = (w.dtype, w.device)
-        if key not in self._g_doubled:  # 1 for the i, f, o gates, 2 for g: made once
-            H = self.hidden_size
-            self._g_doubled[key] = torch.ones(4 * H, dtype=w.dtype, device=w.device).index_fill_(
-                0, torch.arange(2 * H, 3 * H, device=w.device), 2.0)
-        scale = self._g_doubled[key]
-        return (w * scale).t(), (b * scale).unsqueeze(1)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_g_doubled", {})  # a core pickled before gate_weights cached its scale
-
-    def layer(self, weights: tuple[Tensor, Tensor], x: Tensor, h: Tensor, c: Tensor,
-              out: CellBuffers | None = None, sigmoid_tanh: bool = False) -> tuple[Tensor, Tensor]:
-        """One layer's new h and c (H, n) from its input x (in_l, n) and old h, c; ``weights``
-        from :meth:`gate_weights` (with the same ``sigmoid_tanh``). With ``out`` the results go
-        into its buffers (the chunked in-place step); without, into fresh tensors (differentiable)."""
-        out = out or NO_BUFFERS
-        w_t, b = weights
-        gates = torch.addmm(b, w_t, torch.cat((x, h), dim=0, out=out.inputs), out=out.gates)
-        return lstm_cell(gates, c, self.hidden_size, out, sigmoid_tanh)
-
-    def forward(self, inputs: Tensor, state: Tensor, segments: Segments) -> tuple[Tensor, Tensor]:
-        """(in, N), (L, 2, H, N) → top-layer output (H, N), new state (L, 2, H, N)."""
-        H, k = self.hidden_size, self.gac_cells
-        # Views are taken with split/unbind, never with indexing: under autograd each slice
-        # taken by indexing costs a zero-filled copy of the whole tensor in the backward pass
-        # (this halved the meta-training time of an MNIST episode); split/unbind cost one cat.
-        x = inputs
-        new_layers = []
-        for layer, (h, c) in enumerate(state.unbind(0)):
-            h, c = self.layer(self.gate_weights(layer), x, h, c)
-            if k:
-                averaged, local = h.split((k, H - k))
-                h = torch.cat((segments.mean(averaged), local), dim=0)
-            new_layers.append(torch.stack((h, c)))
-            x = h
-        return x, torch.stack(new_layers)
-
-
 class LSTMGACRule(nn.Module):
     """The learned update rule g(∇, state; φ): preprocess → LSTM+GAC → linear × scale."""
 
@@ -393,14 +171,22 @@ class LSTMGACRule(nn.Module):
         cfg = self.config
         gen = torch.Generator().manual_seed(seed)
         num_momenta = len(cfg.momentum_decays)
-        inputs = 2 * (1 + num_momenta) + cfg.extra_inputs
-        self.core = LSTMGACCore(inputs, cfg.hidden_size, cfg.num_layers, cfg.gac_cells, gen)
+        self.core = LSTMGACCore(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.gac_cells, gen)
         bound = 1.0 / math.sqrt(cfg.hidden_size)
         self.output_weight = nn.Parameter((torch.rand(cfg.hidden_size, 1, generator=gen) * 2 - 1) * bound)
         self.output_bias = nn.Parameter(torch.zeros(1))
         if num_momenta:  # u_j, c_j: step sizes on the momentum sums, zero at the start
             self.momentum_weight = nn.Parameter(torch.zeros(cfg.hidden_size, num_momenta))
             self.momentum_bias = nn.Parameter(torch.zeros(num_momenta))
+        if cfg.input_features == "normalized":
+            # A fresh rule of this kind starts as a working optimizer, not as noise: the LSTM's
+            # own term off (w = 0) and a step of FRESH_MOMENTUM_STEP on the momentum direction
+            # whose β is nearest 0.9, i.e. Adam without bias correction (the meta-gradient of
+            # w, u is not zero, so the LSTM is trained from the first meta-step).
+            with torch.no_grad():
+                self.output_weight.zero_()
+                nearest = min(range(num_momenta), key=lambda j: abs(cfg.momentum_decays[j] - 0.9))
+                self.momentum_bias[nearest] = -FRESH_MOMENTUM_STEP
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
         self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}  # step_'s buffers
 
@@ -490,7 +276,11 @@ class LSTMGACRule(nn.Module):
             beta2 = cfg.momentum_rms_decay
             v_out = second_moment if in_place else None
             second_moment = torch.addcmul(torch.mul(second_moment, beta2, out=v_out), g, g, value=1 - beta2, out=v_out)
-        features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), n)
+        if cfg.input_features == "log-sign":
+            features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), n)
+        else:  # ∇/(√v + ε) and the directions d_j, bounded and invariant to the gradients' scale
+            denominator = second_moment.sqrt() + RMS_EPSILON
+            features = torch.cat((g, momentum * self._momentum_decays(momentum)[1])) / denominator
         if extra is not None:
             features = torch.cat((features, extra), dim=0)
         return features, momentum, second_moment

@@ -65,9 +65,10 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor, nn
 
-from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule, Segments
+from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule
 from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
 from .preprocess import log_sign_preprocess
+from .segments import Segments
 
 __all__ = ["NTMBFGSConfig", "NTMBFGSRule", "NTMLayout", "HeadInputs", "BFGSHeads", "LearnedHeads",
            "bfgs_scalars"]

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lstm_gac import Segments, all_reduced
+from .segments import Segments, all_reduced
 
 __all__ = ["DenseMemory", "LimitedMemory", "MemoryGroups", "choose_memory", "DENSE_MAX_COORDINATES"]
 

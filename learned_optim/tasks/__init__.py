@@ -2,9 +2,11 @@
 
 from .base import Task, TaskFamily, TaskStack, families, get_family, load_family, register_family
 from .data import ClassificationData, download_mnist, load_mnist, synthetic_classification
+from .mixture import SUITE_MIX_COMPONENTS, MixtureFamily
 from .mlp import MixedMLPFamily, MLPFamily, mlp_forward
 from .models import GRULM, MLP, ConvNet, TransformerLM, classification_loss, language_model_loss
 from .module import BoundModule, ModuleFamily
+from .reparametrize import random_scales, reparametrized
 from .synthetic import (
     IllConditionedQuadraticFamily,
     NoisyLeastSquaresFamily,
@@ -29,6 +31,10 @@ __all__ = [
     "stdlib_text",
     "IllConditionedQuadraticFamily",
     "MLPFamily",
+    "MixtureFamily",
+    "SUITE_MIX_COMPONENTS",
+    "random_scales",
+    "reparametrized",
     "MixedMLPFamily",
     "NoisyLeastSquaresFamily",
     "NoisyQuadraticFamily",

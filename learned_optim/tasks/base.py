@@ -146,6 +146,41 @@ class TaskStack:
         )
 
 
+    @classmethod
+    def concatenate(cls, stacks: Sequence[TaskStack]) -> TaskStack:
+        """Several stacks as one (tasks numbered in order): how a mixture of families stacks.
+        Batches and streams are lists with one entry per stack."""
+        stacks = list(stacks)
+        if len(stacks) == 1:
+            return stacks[0]
+        initial: list[Tensor] = []
+        owners: list[int | None | tuple[int, ...]] = []
+        spans: list[tuple[int, int]] = []
+        offset = 0
+        for stack in stacks:
+            spans.append((len(initial), len(initial) + len(stack.initial_params)))
+            initial += stack.initial_params
+            for owner in stack.param_tasks:
+                if owner is None:
+                    owners.append(tuple(range(offset, offset + stack.num_tasks)))
+                elif isinstance(owner, tuple):
+                    owners.append(tuple(offset + k for k in owner))
+                else:
+                    owners.append(offset + owner)
+            offset += stack.num_tasks
+
+        def losses(params, batches):
+            batches = batches if batches is not None else [None] * len(stacks)
+            return torch.cat([s.losses(params[a:b], bt) for s, (a, b), bt in zip(stacks, spans, batches)])
+
+        def reset() -> None:
+            for s in stacks:
+                s.reset()
+
+        return cls(initial, losses, owners, offset, lambda: [s.new_stream() for s in stacks],
+                   lambda streams: [s.sample_batch(st) for s, st in zip(stacks, streams)], reset)
+
+
 class TaskFamily(abc.ABC):
     """A distribution over tasks: ``sample(seed)`` returns the same task for the same seed."""
 

@@ -1,0 +1,98 @@
+"""A mixture of task families: each seed draws one component, then a task from it.
+
+Meta-training on many small, different tasks is what makes a learned optimizer generalize
+(Metz et al. 2022; Celo, Moudgil et al. 2025). ``suite-mix`` mixes the evaluation suite's
+families (MLPs of several activations, convnets, a transformer and a GRU language model) on
+their meta-training data: the suite evaluates on the held-out part and on other seeds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .base import Task, TaskFamily, TaskStack, get_family, register_family
+
+__all__ = ["MixtureFamily", "SUITE_MIX_COMPONENTS"]
+
+
+class MixtureFamily(TaskFamily):
+    """Seed s draws component ``choose(s)`` (uniformly, by a generator seeded with s) and
+    that component's task s: the same task for the same seed, whatever else is drawn."""
+
+    def __init__(self, components: Sequence[TaskFamily], name: str = "mixture") -> None:
+        if not components:
+            raise ValueError("a mixture needs at least one component family")
+        for c in components:
+            if not isinstance(c, TaskFamily):
+                raise TypeError(f"mixture components must be TaskFamily instances, got a {type(c).__name__}")
+        self.components = list(components)
+        self.name = name
+
+    def choose(self, seed: int) -> int:
+        """The component that seed ``seed`` draws from."""
+        return random.Random(seed * 2_654_435_761 + 97).randrange(len(self.components))
+
+    def sample(self, seed: int) -> Task:
+        task = self.components[self.choose(seed)].sample(seed)
+        task.info = {**task.info, "component": self.choose(seed)}
+        return task
+
+    def stack(self, seeds: Sequence[int], device: torch.device | str | None = None) -> TaskStack:
+        """Each component stacks its own seeds (vectorized where it can); the stacks are
+        concatenated in the order of the seeds' first appearance (task order follows)."""
+        groups: dict[int, list[int]] = {}
+        for seed in seeds:
+            groups.setdefault(self.choose(seed), []).append(seed)
+        ordered = [seed for members in groups.values() for seed in members]
+        if ordered != list(seeds):  # keep task k = seeds[k]: stack the seeds one run at a time
+            runs: list[tuple[int, list[int]]] = []
+            for seed in seeds:
+                c = self.choose(seed)
+                if runs and runs[-1][0] == c:
+                    runs[-1][1].append(seed)
+                else:
+                    runs.append((c, [seed]))
+            return TaskStack.concatenate([self.components[c].stack(s, device=device) for c, s in runs])
+        return TaskStack.concatenate([self.components[c].stack(s, device=device) for c, s in groups.items()])
+
+
+#: suite-mix's components: the suite's families (see learned_optim.suite), at their small sizes.
+SUITE_MIX_COMPONENTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("mnist-mlp", {}),
+    ("mnist-mlp-nn", {"activation": "relu", "image_side": 14}),
+    ("mnist-mlp-nn", {"activation": "gelu", "layer_norm": True, "image_side": 14}),
+    ("mnist-mlp-nn", {"activation": "tanh", "image_side": 14}),
+    ("mnist-conv", {}),
+    ("mnist-conv", {"batch_norm": True}),
+    ("text-transformer", {}),
+    ("text-gru", {}),
+)
+
+
+@register_family("suite-mix")
+def suite_mix(root: str | os.PathLike | None = None, part: str = "meta-train",
+              components: Sequence[str] | None = None) -> MixtureFamily:
+    """The suite's families mixed (MNIST ones read ``root``), on their ``part`` of the data;
+    ``components`` picks some by index or family name (default: all of SUITE_MIX_COMPONENTS)."""
+    chosen = list(SUITE_MIX_COMPONENTS)
+    if components is not None:
+        picked = []
+        for key in components:
+            matches = [c for i, c in enumerate(SUITE_MIX_COMPONENTS) if key in (str(i), c[0])]
+            if not matches:
+                raise ValueError(f"suite-mix has no component {key!r}; components: "
+                                 f"{', '.join(f'{i}: {n} {kw}' for i, (n, kw) in enumerate(SUITE_MIX_COMPONENTS))}")
+            picked += [m for m in matches if m not in picked]
+        chosen = picked
+    families = []
+    for family, kwargs in chosen:
+        extra: dict[str, Any] = {"part": part}
+        if family.startswith("mnist"):
+            extra["root"] = root
+        families.append(get_family(family, **kwargs, **extra))
+    return MixtureFamily(families, name="suite-mix")
