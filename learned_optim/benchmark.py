@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,8 +95,12 @@ def package_optimizers(names: Iterable[str] | None = None) -> dict[str, Optimize
 
 
 def train(task: Task, optimizer_factory: Callable[[list[Tensor]], Optimizer], steps: int,
-          timing: dict[str, float] | None = None) -> Tensor:
+          timing: dict[str, float] | None = None,
+          schedule: Callable[[Optimizer], Any] | None = None) -> Tensor:
     """Train ``task`` for ``steps`` steps; the loss before each step (inf after divergence).
+
+    ``schedule``, if given, makes a ``torch.optim.lr_scheduler`` for the optimizer, stepped
+    after every optimizer step.
 
     ``timing``, if given, receives the wall seconds of the steps run (minibatch, forward,
     backward and update: ``"seconds"``), of the optimizer's ``step()`` calls alone
@@ -103,6 +108,7 @@ def train(task: Task, optimizer_factory: Callable[[list[Tensor]], Optimizer], st
     """
     params = task.init_params()
     optimizer = optimizer_factory(params)
+    scheduler = schedule(optimizer) if schedule is not None else None
     generator = task.batch_generator()
     losses = torch.full((steps,), math.inf, dtype=torch.float64)
     total = in_step = 0.0
@@ -124,6 +130,8 @@ def train(task: Task, optimizer_factory: Callable[[list[Tensor]], Optimizer], st
             raise
         end = time.perf_counter()
         total, in_step, ran = total + end - start, in_step + end - stepping, ran + 1
+        if scheduler is not None:
+            scheduler.step()
     if timing is not None:
         timing.update(seconds=total, step_seconds=in_step, steps=ran)
     return losses

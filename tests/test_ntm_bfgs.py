@@ -426,3 +426,24 @@ def test_in_place_step_is_the_differentiable_step(memory, chunk):
         torch.testing.assert_close(out, update, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(in_place, coords, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(memory_in_place, memory_state, rtol=1e-10, atol=1e-12)
+
+
+def test_curvature_eps_overrides_the_weights_skip_rule_in_the_optimizer():
+    from learned_optim import NTMBFGS
+
+    base = NTMBFGS([torch.nn.Parameter(torch.zeros(2))])
+    strict = NTMBFGS([torch.nn.Parameter(torch.zeros(2))], curvature_eps=0.5)
+    assert strict.rule.config.curvature_eps == 0.5 and strict.rule.heads.curvature_eps == 0.5
+    assert base.rule.heads.curvature_eps == base.rule.config.curvature_eps != 0.5  # the weights' own
+    a = torch.tensor([[3.0, 1.0], [1.0, 0.5]])  # a 2-D quadratic: cos(y, s) = sᵀAs/(‖As‖‖s‖) varies, < 1
+    runs = []
+    for eps in (0.0, 0.999):
+        x = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        opt = NTMBFGS([x], weights=None, curvature_eps=eps, seed=0)
+        for _ in range(4):
+            x.grad = (a @ x).detach()
+            opt.step()
+        runs.append(x.detach().clone())
+    assert not torch.allclose(runs[0], runs[1])  # eps 0.999 skips the pairs that eps 0 writes
+    with pytest.raises(ValueError, match="curvature_eps"):
+        NTMBFGS([torch.nn.Parameter(torch.zeros(2))], curvature_eps=-1.0)

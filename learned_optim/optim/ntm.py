@@ -61,6 +61,11 @@ class NTMBFGS(LearnedRuleOptimizer):
         memory: ``"dense"``, ``"limited"`` or ``"auto"`` (dense up to 1,024 coordinates per
             group); None keeps the weights' setting.
         memory_capacity: K, the write pairs the limited memory keeps; None keeps the weights'.
+        curvature_eps: ε of the skip rule (a pair is written only if yᵀs > ε·‖y‖·‖s‖); None
+            keeps the weights'. Minibatch noise makes y nearly orthogonal to s, and the weights'
+            1e-3 then admits pairs with ρ = 1/yᵀs up to 1000/(‖y‖·‖s‖): ``ntm-bfgs-quadratic``
+            (meta-trained on deterministic quadratics) blows up on MNIST MLPs with it and
+            trains them with 0.1 (see README, "NTM-BFGS on stochastic tasks").
         lr: multiplies the learned update; 1 is what the weights were meta-trained with (the
             rule's memory is built from its own steps, so other values change its meaning).
         weight_decay: λ of decoupled weight decay, as in AdamW: θ ← θ·(1 − lr·λ) each step
@@ -81,15 +86,16 @@ class NTMBFGS(LearnedRuleOptimizer):
         *,
         memory: str | None = None,
         memory_capacity: int | None = None,
+        curvature_eps: float | None = None,
         lr: float = 1.0,
         weight_decay: float = 0.0,
         check_finite: bool = True,
         seed: int = 0,
     ) -> None:
         self._load(weights, seed, lambda s: NTMBFGSRule(seed=s))
-        if memory is not None or memory_capacity is not None:
+        if memory is not None or memory_capacity is not None or curvature_eps is not None:
             try:
-                self.rule = self.rule.with_memory(memory, memory_capacity)
+                self.rule = self.rule.with_memory(memory, memory_capacity, curvature_eps)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"NTMBFGS: {error}") from None
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite))

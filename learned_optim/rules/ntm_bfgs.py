@@ -279,12 +279,16 @@ class NTMBFGSRule(nn.Module):
     def device(self) -> torch.device:
         return self.controller.device
 
-    def with_memory(self, form: str | None = None, capacity: int | None = None) -> NTMBFGSRule:
-        """A copy of this rule (same φ) with another memory form or capacity K."""
-        changes: dict[str, Any] = {k: v for k, v in (("memory", form), ("memory_capacity", capacity))
-                                   if v is not None}
+    def with_memory(self, form: str | None = None, capacity: int | None = None,
+                    curvature_eps: float | None = None) -> NTMBFGSRule:
+        """A copy of this rule (same φ) with another memory form, capacity K or ε of the
+        curvature condition (None keeps each)."""
+        changes: dict[str, Any] = {k: v for k, v in (("memory", form), ("memory_capacity", capacity),
+                                                     ("curvature_eps", curvature_eps)) if v is not None}
         fresh = copy.deepcopy(self)
         fresh.config = replace(self.config, **changes)
+        if curvature_eps is not None and hasattr(fresh.heads, "curvature_eps"):
+            setattr(fresh.heads, "curvature_eps", fresh.config.curvature_eps)  # a plain attribute of the heads
         return fresh
 
     def load_controller(self, lstm: LSTMGACRule) -> None:

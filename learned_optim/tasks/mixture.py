@@ -61,16 +61,18 @@ class MixtureFamily(TaskFamily):
         return TaskStack.concatenate([self.components[c].stack(s, device=device) for c, s in groups.items()])
 
 
-#: suite-mix's components: the suite's families (see learned_optim.suite), at their small sizes.
+#: suite-mix's components: the suite's families (see learned_optim.suite) at meta-training sizes,
+#: smaller than the suite's where a family has widths to draw (the rule's cost per step grows
+#: with the coordinates; the suite then also measures how the rule carries to larger nets).
 SUITE_MIX_COMPONENTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("mnist-mlp", {}),
-    ("mnist-mlp-nn", {"activation": "relu", "image_side": 14}),
-    ("mnist-mlp-nn", {"activation": "gelu", "layer_norm": True, "image_side": 14}),
-    ("mnist-mlp-nn", {"activation": "tanh", "image_side": 14}),
+    ("mnist-mlp-nn", {"activation": "relu", "image_side": 14, "widths": (16, 32)}),
+    ("mnist-mlp-nn", {"activation": "gelu", "layer_norm": True, "image_side": 14, "widths": (16, 32)}),
+    ("mnist-mlp-nn", {"activation": "tanh", "image_side": 14, "widths": (16, 32)}),
     ("mnist-conv", {}),
     ("mnist-conv", {"batch_norm": True}),
-    ("text-transformer", {}),
-    ("text-gru", {}),
+    ("text-transformer", {"widths": (16, 24)}),
+    ("text-gru", {"widths": (16, 24)}),
 )
 
 
