@@ -288,7 +288,7 @@ class NTMBFGSRule(nn.Module):
         fresh = copy.deepcopy(self)
         fresh.config = replace(self.config, **changes)
         if curvature_eps is not None and hasattr(fresh.heads, "curvature_eps"):
-            setattr(fresh.heads, "curvature_eps", fresh.config.curvature_eps)  # a plain attribute of the heads
+            cast(Any, fresh.heads).curvature_eps = fresh.config.curvature_eps  # a plain attribute of the heads
         return fresh
 
     def load_controller(self, lstm: LSTMGACRule) -> None:
