@@ -28,3 +28,16 @@ def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_
                    for lr in SGD_LRS)
     # Tuned SGD ends near 0.22 here (README table); the default weights must be clearly better.
     assert learned < 0.75 * best_sgd, f"default weights {learned:.4f} vs best SGD {best_sgd:.4f}"
+
+
+def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_lr():
+    """The default LSTMOptimizer, no argument but the params, on a transformer language model it
+    never saw (the suite's family, held-out text, a held-out seed), against Adam(lr=1e-3)."""
+    import torch
+
+    family = get_family("text-transformer", part="held-out")
+    finals = {}
+    for name, make in (("lstm", lambda ps: LSTMOptimizer(ps)), ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3))):
+        losses = run_seed(family, OptimizerSpec(name, lambda ps, lr, task, make=make: make(ps)), 1.0, 7, 80)
+        finals[name] = final_loss(losses)
+    assert finals["lstm"] < finals["adam"], finals
