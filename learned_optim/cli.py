@@ -206,6 +206,7 @@ def _meta_trainer(args: argparse.Namespace):
         meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
         loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
         validation_tasks=args.validation_tasks, checkpoint_every=args.checkpoint_every,
+        validation_task_kwargs=_json_argument(args.validation_task_kwargs, "--validation-task-kwargs") or None,
         seed=args.seed, device=args.device, precision=args.precision,
     )
     eval_task = args.eval_task or config.task
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validation score that picks the kept weights (early stopping)")
     p_meta.add_argument("--validate-every", type=int, default=25, help="episodes between validations")
     p_meta.add_argument("--validation-tasks", type=int, default=128, help="held-out validation tasks")
+    p_meta.add_argument("--validation-task-kwargs", default=None,
+                        help='JSON arguments that override --task-kwargs for validation, e.g. \'{"part": "held-out"}\'')
     p_meta.add_argument("--checkpoint-every", type=int, default=25, help="episodes between checkpoints")
     p_meta.add_argument("--eval-seeds", type=int, default=20, help="held-out draws for the final evaluation")
     p_meta.add_argument("--eval-task", default=None, help="task family of the final evaluation (default: --task)")

@@ -387,3 +387,15 @@ def test_reparametrized_episodes_run_in_other_units_and_meta_training_still_lear
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     first = next(r for r in records if r["kind"] == "validation")
     assert summary["best_validation"]["meta_loss"] < 0.7 * first["meta_loss"], (first, summary)
+
+
+def test_validation_can_run_on_other_arguments_of_the_family(tmp_path):
+    trainer = MetaTrainer(_config(task_kwargs={"dim": 3}, validation_task_kwargs={"dim": 5}), tmp_path,
+                          progress=False, log=None)
+    scores = trainer.run_validation()
+    expected = validate(trainer.rule, get_family("quadratic", dim=5), trainer.validation_seeds, 20)
+    assert scores["meta_loss"] == pytest.approx(expected["meta_loss"], rel=1e-6)
+    assert trainer.family.sample(0).initial_params[0].numel() == 3  # training keeps its own
+    with pytest.raises(ValueError, match="validation_task_kwargs"):
+        MetaTrainer(_config(validation_task_kwargs={"dim": 5}), tmp_path / "b", progress=False, log=None,
+                    family=get_family("quadratic", dim=3))

@@ -92,6 +92,8 @@ class MetaTrainConfig:
     select_by: str = "meta_loss"  # validation score that picks the kept φ: "meta_loss" or "median_final_loss"
     validate_every: int = 25  # episodes
     validation_tasks: int = 128
+    validation_task_kwargs: dict[str, Any] | None = None  # validate on the task family with these arguments
+    # instead (e.g. {"part": "held-out"}: held-out data); None: the training family itself
     checkpoint_every: int = 25  # episodes
     explode_ratio: float = 1e4
     seed: int = 0
@@ -143,7 +145,7 @@ class MetaTrainConfig:
         keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "horizon_min",
                 "validation_horizon", "reparametrize", "truncation", "tasks_per_step",
                 "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "loss_transform", "select_by", "validate_every",
-                "validation_tasks", "explode_ratio", "seed", "precision")
+                "validation_tasks", "validation_task_kwargs", "explode_ratio", "seed", "precision")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -183,6 +185,11 @@ class MetaTrainer:
         check_precision(config.precision, self.device)
         # ``family`` (e.g. a ModuleFamily of the user's own model) replaces config.task's lookup.
         self.family = family if family is not None else get_family(config.task, **config.task_kwargs)
+        if family is not None and config.validation_task_kwargs is not None:
+            raise ValueError("validation_task_kwargs rebuilds the family from config.task; with a family "
+                             "object given, pass it validation data of its own instead")
+        self.validation_family = self.family if config.validation_task_kwargs is None else get_family(
+            config.task, **{**config.task_kwargs, **config.validation_task_kwargs})
         torch.manual_seed(config.seed)
         self.rule = rule_from_config(config.rule, config.rule_config)
         if config.init_weights is not None:
@@ -248,7 +255,7 @@ class MetaTrainer:
         payload = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(payload["config"])
         for key, default in (("precision", "float32"), ("horizon_min", None), ("validation_horizon", None),
-                             ("reparametrize", 1.0)):
+                             ("reparametrize", 1.0), ("validation_task_kwargs", None)):
             saved.setdefault(key, default)  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
@@ -364,7 +371,7 @@ class MetaTrainer:
     def run_validation(self) -> dict[str, float]:
         self.rule.eval()
         if self.rank == 0:
-            scores = validate(self.rule, self.family, self.validation_seeds,
+            scores = validate(self.rule, self.validation_family, self.validation_seeds,
                               self.config.validation_horizon or self.config.horizon,
                               self.config.loss_transform, self.device)
         if self.world > 1:  # the others wait for rank 0's scores, so all keep the same best φ
