@@ -433,3 +433,39 @@ def test_the_in_place_step_of_the_normalized_rule_matches_the_differentiable_one
         rule.step_(grad.clone(), flat, segments, out, chunk=16, sigmoid_tanh=False)
         torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(flat, state.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_bias_corrected_normalized_rule_is_adam_at_lr_0_01():
+    rule = LSTMGACRule(LSTMGACConfig(bias_correction=True, **NORMALIZED), seed=0)
+    assert rule.config.state_rows == 80 + 3 + 2  # LSTM, three sums, v and the step count
+    torch.manual_seed(0)
+    theta = torch.randn(7)
+    reference = torch.nn.Parameter(theta.clone())
+    adam = torch.optim.Adam([reference], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    state = rule.init_state(7)
+    for _ in range(6):
+        grad = torch.randn(7) * torch.logspace(-3, 2, 7)
+        update, state = rule(grad, state, Segments.single(7))
+        theta = theta + update.detach()
+        reference.grad = grad
+        adam.step()
+        torch.testing.assert_close(theta, reference.detach(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="bias_correction needs momentum_rms_decay"):
+        LSTMGACConfig(momentum_decays=(0.9,), bias_correction=True)
+
+
+def test_the_in_place_step_matches_the_differentiable_one_with_bias_correction():
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=8, bias_correction=True, **NORMALIZED), seed=2)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    segments = Segments.from_sizes([30, 50])
+    state, flat = rule.init_state(80), rule.init_state(80)
+    out = torch.empty(80)
+    for _ in range(3):
+        grad = torch.randn(80)
+        expected, state = rule(grad, state, segments)
+        rule.step_(grad.clone(), flat, segments, out, chunk=16, sigmoid_tanh=False)
+        torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat, state.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(flat[-1], torch.full((80,), 3.0))  # the step count

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +88,7 @@ class LSTMGACConfig:
     momentum_decays: tuple[float, ...] = ()  # β_j of the momentum sums (empty: the paper's rule)
     momentum_rms_decay: float | None = None  # β₂: normalize the momentum directions by √v (None: raw sums)
     input_features: str = "log-sign"  # the LSTM's inputs: "log-sign" (the paper's) or "normalized" (see INPUT_FEATURES)
+    bias_correction: bool = False  # Adam's: m and v divided by 1 − βᵗ (one more state row: the step count t)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -104,6 +105,10 @@ class LSTMGACConfig:
                 if beta * beta >= beta2:
                     raise ValueError(f"momentum_rms_decay ({beta2}) must exceed the square of every momentum "
                                      f"decay (β² = {beta * beta:.6g} for β = {beta}) to keep steps bounded")
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        if self.bias_correction and beta2 is None:
+            raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
             raise ValueError(f"input_features must be one of {INPUT_FEATURES}, got {self.input_features!r}")
         if self.input_features == "normalized" and beta2 is None:
@@ -143,8 +148,9 @@ class LSTMGACConfig:
 
     @property
     def rms_rows(self) -> int:
-        """Rows of the rule state holding the gradient second moment v: 1 if normalized, else 0."""
-        return int(self.momentum_rms_decay is not None)
+        """Rows of the rule state for the normalization: v (if normalized), then the step count t
+        (if bias-corrected)."""
+        return int(self.momentum_rms_decay is not None) + int(self.bias_correction)
 
     @property
     def state_rows(self) -> int:
@@ -216,7 +222,8 @@ class LSTMGACRule(nn.Module):
                            device=device if device is not None else self.device)
 
     def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Views of a state (R, N): LSTM h and c (L, 2, H, N), the momentum sums (M, N) and v (0 or 1, N)."""
+        """Views of a state (R, N): LSTM h and c (L, 2, H, N), the momentum sums (M, N) and the
+        normalization rows (v, then t with bias correction: 0 to 2, N)."""
         cfg = self.config
         if state.dim() != 2 or state.shape[0] != cfg.state_rows:
             raise ValueError(f"rule state must have shape ({cfg.state_rows}, N), got {tuple(state.shape)}")
@@ -274,13 +281,16 @@ class LSTMGACRule(nn.Module):
             signals = torch.cat((g, momentum))
         if cfg.momentum_rms_decay is not None:
             beta2 = cfg.momentum_rms_decay
-            v_out = second_moment if in_place else None
-            second_moment = torch.addcmul(torch.mul(second_moment, beta2, out=v_out), g, g, value=1 - beta2, out=v_out)
+            v, count = second_moment.split((1, cfg.rms_rows - 1))
+            v_out, count_out = (v, count) if in_place else (None, None)
+            v = torch.addcmul(torch.mul(v, beta2, out=v_out), g, g, value=1 - beta2, out=v_out)
+            if cfg.bias_correction:
+                count = torch.add(count, 1, out=count_out)
+            second_moment = second_moment if in_place else torch.cat((v, count))
         if cfg.input_features == "log-sign":
             features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), n)
-        else:  # ∇/(√v + ε) and the directions d_j, bounded and invariant to the gradients' scale
-            denominator = second_moment.sqrt() + RMS_EPSILON
-            features = torch.cat((g, momentum * self._momentum_decays(momentum)[1])) / denominator
+        else:  # ∇/(√v̂ + ε) and the directions d_j, bounded and invariant to the gradients' scale
+            features = torch.cat((g / self._rms(second_moment), self.directions(momentum, second_moment)))
         if extra is not None:
             features = torch.cat((features, extra), dim=0)
         return features, momentum, second_moment
@@ -293,11 +303,25 @@ class LSTMGACRule(nn.Module):
         if not cfg.momentum_decays:
             return update if out is None else out.copy_(update)
         step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, n)
-        directions = momentum
-        if cfg.momentum_rms_decay is not None:  # Adam-like: d_j = (1−β_j)·m_j / (√v + ε)
-            averages = momentum * self._momentum_decays(momentum)[1]
-            directions = averages / (second_moment.sqrt() + RMS_EPSILON)
+        directions = momentum if cfg.momentum_rms_decay is None else self.directions(momentum, second_moment)
         return torch.add(update, (step_sizes * directions).sum(0), out=out)
+
+    def _rms(self, second_moment: Tensor) -> Tensor:
+        """√v̂ + ε (1, n): v̂ = v, or v/(1 − β₂ᵗ) with bias correction."""
+        cfg = self.config
+        v = second_moment[:1]
+        if cfg.bias_correction:
+            v = v / (1 - torch.pow(cast(float, cfg.momentum_rms_decay), second_moment[1:2]))
+        return v.sqrt() + RMS_EPSILON
+
+    def directions(self, momentum: Tensor, second_moment: Tensor) -> Tensor:
+        """The normalized momentum directions d_j = m̂_j/(√v̂ + ε) (M, n), Adam's step direction:
+        m̂_j = (1−β_j)·m_j, divided by 1 − β_jᵗ with bias correction (then v̂ likewise)."""
+        beta, one_minus = self._momentum_decays(momentum)
+        averages = momentum * one_minus
+        if self.config.bias_correction:
+            averages = averages / (1 - torch.pow(beta, second_moment[1:2]))
+        return averages / self._rms(second_moment)
 
     def _check_extra(self, extra: Tensor | None) -> None:
         rows = 0 if extra is None else extra.shape[0]
