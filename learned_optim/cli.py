@@ -220,6 +220,39 @@ def _meta_trainer(args: argparse.Namespace):
     return trainer, eval_family, eval_task, eval_kwargs, task_kwargs
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Write the best validated φ of a meta-training run's checkpoint (the run may go on)."""
+    from pathlib import Path
+
+    from .meta.trainer import CHECKPOINT
+    from .rules import load_rule, rule_from_config, save_rule
+
+    path = Path(args.workdir) / CHECKPOINT
+    if not path.is_file():
+        args.parser.error(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    settings = json.loads(payload["config"])
+    if settings.get("init_weights") and not settings.get("rule_config"):
+        rule = load_rule(settings["init_weights"])[0]  # the run took the init weights' config
+    else:
+        rule = rule_from_config(settings["rule"], settings.get("rule_config") or {})
+    rule.load_state_dict(payload["best_rule"])
+    best = json.loads(payload["best"])
+    command = shlex.join(["learned-optim", *args.argv])
+    out = save_rule(rule.eval(), args.out, {
+        "task": {"family": settings["task"],
+                 "kwargs": {k: v for k, v in settings.get("task_kwargs", {}).items() if k != "root"}},
+        "meta_training": {**settings, "episodes": payload["episode"], "train_seconds": round(payload["elapsed"], 1),
+                          "skipped_truncations": payload["skipped"], "best_validation": best,
+                          "exported_from": str(path), "cpu_threads": torch.get_num_threads()},
+        "command": command,
+    })
+    print(f"wrote {out} and {out.with_suffix('.safetensors')}: the weights validated best "
+          f"(episode {best['episode']}, meta-loss {best['meta_loss']:.4g}) of {payload['episode']} episodes, "
+          f"{payload['elapsed']:.0f} s of training")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learned-optim", description="Learned and adaptive optimizers for PyTorch.")
     parser.add_argument("--version", action="version", version=f"learned_optim {__version__}")
@@ -291,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p_meta.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_meta.set_defaults(func=_cmd_meta_train, parser=p_meta)
+
+    p_export = sub.add_parser("export", help="write the best validated weights of a meta-training checkpoint")
+    p_export.add_argument("--workdir", required=True, help="the run's checkpoint directory (meta-train's --workdir)")
+    p_export.add_argument("--out", required=True, help="weights path without suffix")
+    p_export.set_defaults(func=_cmd_export, parser=p_export)
     return parser
 
 

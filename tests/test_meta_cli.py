@@ -42,3 +42,23 @@ def test_meta_train_writes_weights_with_their_provenance(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["evaluation"]["family_kwargs"] == {"dim": 5}
     log_again = [json.loads(x) for x in (tmp_path / "tiny.run" / "log.jsonl").read_text().splitlines()]
     assert log_again == log
+
+
+def test_export_writes_a_checkpoints_best_weights_loadable_by_the_optimizer(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "tiny"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    capsys.readouterr()
+    exported = tmp_path / "exported"
+    assert main(["export", "--workdir", str(tmp_path / "tiny.run"), "--out", str(exported)]) == 0
+    assert "the weights validated best" in capsys.readouterr().out
+    final = LSTMOptimizer([torch.nn.Parameter(torch.ones(4))], weights=out)
+    again = LSTMOptimizer([torch.nn.Parameter(torch.ones(4))], weights=exported)
+    for a, b in zip(final.rule.state_dict().values(), again.rule.state_dict().values()):
+        assert torch.equal(a, b)  # the same best φ the finished run wrote
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    assert meta["meta_training"]["episodes"] == 3 and meta["command"].startswith("learned-optim export")
+    with pytest.raises(SystemExit):
+        main(["export", "--workdir", str(tmp_path / "nowhere"), "--out", str(exported)])
+    assert "no checkpoint at" in capsys.readouterr().err
