@@ -29,7 +29,7 @@ from ._learned import LearnedRuleOptimizer, rule_fingerprint
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
 #: The shipped weights LSTMOptimizer loads when none are named.
-DEFAULT_WEIGHTS = "mnist"
+DEFAULT_WEIGHTS = "suite"
 
 
 @register(
