@@ -15,7 +15,6 @@ import argparse
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from learned_optim import suite
-from learned_optim.benchmark import forked_map, train
+from learned_optim.benchmark import forked_map, quantile, train
 
 _JOBS: dict[str, object] = {}
 
@@ -90,9 +89,9 @@ def main(argv: list[str]) -> int:
              "| optimizer | lr setting | median final loss | IQR | diverged |", "| --- | --- | ---: | --- | ---: |"]
     for o in optimizers:
         for s in settings:
-            finals = sorted(r["final"] for r in rows if r["optimizer"] == o and r["setting"] == s)
-            q = statistics.quantiles(finals, n=4) if len(finals) > 1 else [finals[0]] * 3
-            lines.append(f"| {o} | {s} | {statistics.median(finals):.4g} | {q[0]:.4g} – {q[2]:.4g} | "
+            finals = [r["final"] for r in rows if r["optimizer"] == o and r["setting"] == s]
+            lines.append(f"| {o} | {s} | {quantile(finals, 0.5):.4g} | {quantile(finals, 0.25):.4g} – "
+                         f"{quantile(finals, 0.75):.4g} | "
                          f"{sum(r['diverged'] for r in rows if r['optimizer'] == o and r['setting'] == s)}/{len(finals)} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

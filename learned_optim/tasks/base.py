@@ -118,33 +118,17 @@ class TaskStack:
         return self.losses_fn(params, batch)
 
     @classmethod
+    def single(cls, task: Task) -> TaskStack:
+        """One task as a stack of one (its losses a (1,) tensor)."""
+        return cls(list(task.initial_params), lambda params, batch: task.loss(params, batch).reshape(1),
+                   [0] * len(task.initial_params), 1,
+                   task.batch_generator if task.stochastic else None,
+                   task.sample_batch if task.stochastic else None, task.reset)
+
+    @classmethod
     def of(cls, tasks: Sequence[Task]) -> TaskStack:
         """The generic stack: each task's tensors side by side, losses evaluated one by one."""
-        tasks = list(tasks)
-        spans: list[tuple[int, int]] = []
-        initial: list[Tensor] = []
-        owners: list[int | None | tuple[int, ...]] = []
-        for k, task in enumerate(tasks):
-            spans.append((len(initial), len(initial) + len(task.initial_params)))
-            initial += task.initial_params
-            owners += [k] * len(task.initial_params)
-
-        def losses(params, batches):
-            batches = batches if batches is not None else [None] * len(tasks)
-            return torch.stack([t.loss(params[a:b], bt) for t, (a, b), bt in zip(tasks, spans, batches)])
-
-        def reset() -> None:
-            for t in tasks:
-                t.reset()
-
-        stochastic = any(t.stochastic for t in tasks)
-        return cls(
-            initial, losses, owners, len(tasks),
-            (lambda: [t.batch_generator() for t in tasks]) if stochastic else None,
-            (lambda gens: [t.sample_batch(g) for t, g in zip(tasks, gens)]) if stochastic else None,
-            reset,
-        )
-
+        return cls.concatenate([cls.single(t) for t in tasks])
 
     @classmethod
     def concatenate(cls, stacks: Sequence[TaskStack]) -> TaskStack:

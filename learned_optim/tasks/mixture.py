@@ -43,22 +43,16 @@ class MixtureFamily(TaskFamily):
         return task
 
     def stack(self, seeds: Sequence[int], device: torch.device | str | None = None) -> TaskStack:
-        """Each component stacks its own seeds (vectorized where it can); the stacks are
-        concatenated in the order of the seeds' first appearance (task order follows)."""
-        groups: dict[int, list[int]] = {}
+        """Each run of consecutive seeds from one component is stacked by that component
+        (vectorized where it can); the runs are concatenated, so task k is seed k's."""
+        runs: list[tuple[int, list[int]]] = []
         for seed in seeds:
-            groups.setdefault(self.choose(seed), []).append(seed)
-        ordered = [seed for members in groups.values() for seed in members]
-        if ordered != list(seeds):  # keep task k = seeds[k]: stack the seeds one run at a time
-            runs: list[tuple[int, list[int]]] = []
-            for seed in seeds:
-                c = self.choose(seed)
-                if runs and runs[-1][0] == c:
-                    runs[-1][1].append(seed)
-                else:
-                    runs.append((c, [seed]))
-            return TaskStack.concatenate([self.components[c].stack(s, device=device) for c, s in runs])
-        return TaskStack.concatenate([self.components[c].stack(s, device=device) for c, s in groups.items()])
+            c = self.choose(seed)
+            if runs and runs[-1][0] == c:
+                runs[-1][1].append(seed)
+            else:
+                runs.append((c, [seed]))
+        return TaskStack.concatenate([self.components[c].stack(s, device=device) for c, s in runs])
 
 
 #: suite-mix's components: the suite's families (see learned_optim.suite) at meta-training sizes,
