@@ -21,6 +21,7 @@ Scores of one optimizer on one task, over the evaluation seeds:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -141,12 +142,20 @@ UNTUNED = "adam-1e-3"
 def learned_spec(name: str) -> OptimizerSpec:
     """A learned optimizer at its default settings: ``"lstm-gac"`` (its default weights) or
     ``"lstm-gac:WEIGHTS"`` (shipped weights by name, or a path), likewise ``"ntm-bfgs[:…]"``.
-    No lr is passed: the optimizer runs as ``Cls(params)`` or ``Cls(params, weights=WEIGHTS)``."""
-    optimizer, _, weights = name.partition(":")
+    No lr is passed: the optimizer runs as ``Cls(params)`` or ``Cls(params, weights=WEIGHTS)``.
+    A suffix ``@bf16`` stores the rule state in bfloat16 (``state_dtype=torch.bfloat16``)."""
+    base, at, option = name.partition("@")
+    if at and option != "bf16":
+        raise ValueError(f"unknown learned-optimizer option {'@' + option!r} in {name!r} (known: @bf16)")
+    optimizer, _, weights = base.partition(":")
     entry = registry.info(optimizer)
     if entry.lr_grid != (1.0,):
         raise ValueError(f"{optimizer!r} is not a learned optimizer (the suite tunes only the built-in baselines)")
-    kwargs = {"weights": weights} if weights else {}
+    kwargs: dict[str, Any] = {"weights": weights} if weights else {}
+    if at:
+        if "state_dtype" not in inspect.signature(entry.cls).parameters:
+            raise ValueError(f"{optimizer!r} has no state_dtype option (@bf16)")
+        kwargs["state_dtype"] = torch.bfloat16
 
     def factory(params, lr, task, cls=entry.cls):
         return cls(params, **kwargs)

@@ -154,3 +154,12 @@ def test_suite_script_refuses_bad_names_in_one_line():
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), *argv], capture_output=True,
                               text=True, cwd=ROOT)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_bf16_suffix_runs_a_learned_optimizer_with_bfloat16_state():
+    opt = suite.learned_spec("lstm-gac:mnist@bf16").factory([torch.zeros(3, requires_grad=True)], 1.0, None)
+    assert opt.state_dtype == torch.bfloat16 and opt.weights_metadata["name"] == "mnist"
+    with pytest.raises(ValueError, match="@fp8"):
+        suite.learned_spec("lstm-gac@fp8")
+    with pytest.raises(ValueError, match="state_dtype"):
+        suite.learned_spec("ntm-bfgs@bf16")

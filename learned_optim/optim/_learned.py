@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels import fused_unavailable
 from ..rules import load_rule
 from ._base import PackageOptimizer, check_positive
 
-__all__ = ["LearnedRuleOptimizer", "rule_fingerprint"]
+__all__ = ["LearnedRuleOptimizer", "rule_fingerprint", "check_state_dtype"]
 
 
 def rule_fingerprint(rule: nn.Module) -> str:
@@ -27,6 +28,16 @@ def rule_fingerprint(rule: nn.Module) -> str:
         digest.update(str(tuple(value.shape)).encode())
         digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_state_dtype(dtype: Any) -> torch.dtype:
+    """The ``state_dtype`` of a learned optimizer: float32 or bfloat16 (storage only; math is float32)."""
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
+    return dtype
 
 
 def copy_rule(rule: nn.Module) -> nn.Module:
@@ -49,6 +60,7 @@ class LearnedRuleOptimizer(PackageOptimizer):
     rule_class: type[Any]
     rule: Any
     rule_state_keys: tuple[str, ...] = ("rule_state",)
+    state_dtype: torch.dtype = torch.float32  # storage of the rule state (LSTMOptimizer's state_dtype=)
 
     def _load(self, weights: str | os.PathLike | nn.Module | None, seed: int,
               fresh: Callable[[int], nn.Module]) -> None:
@@ -72,13 +84,32 @@ class LearnedRuleOptimizer(PackageOptimizer):
     def __getstate__(self) -> dict[str, Any]:
         """``Optimizer`` pickles only defaults, state and param groups; the rule comes along too."""
         state = super().__getstate__()
-        state.update(rule=self.rule, weights_metadata=self.weights_metadata,
+        state.update(rule=self.rule, weights_metadata=self.weights_metadata, state_dtype=self.state_dtype,
                      _fingerprint=self._fingerprint, _rules_on={}, _segments={}, _packed={}, _flat={})
         return state
 
     @staticmethod
     def _check_weight_decay(group: dict[str, Any]) -> None:
         check_positive(group.setdefault("weight_decay", 0.0), "weight_decay", allow_zero=True)  # 0: a state from before
+
+    @staticmethod
+    def _check_fused(group: dict[str, Any]) -> None:
+        """``fused`` is None, False, or True where the kernels can run on every param's device."""
+        fused = group.setdefault("fused", None)  # a state_dict saved before the option existed
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be True, False or None, got {fused!r}")
+        if fused:
+            for device in {p.device for p in group["params"]}:
+                reason = fused_unavailable(device)
+                if reason is not None:
+                    raise ValueError(f"fused=True: {reason}")
+
+    @staticmethod
+    def _count_row(steps: list[Tensor], sizes: tuple[int, ...], device: torch.device) -> Tensor:
+        """The per-parameter step counts t (float32 scalars) spread over their coordinates: an
+        (N,) float32 row on ``device``, which the rule advances as scratch."""
+        counts = torch.stack(steps).to(device, torch.float32)
+        return torch.repeat_interleave(counts, torch.tensor(sizes, device=device), output_size=sum(sizes))
 
     @staticmethod
     def _decay(group: dict[str, Any], params: list[Tensor]) -> None:
@@ -89,7 +120,7 @@ class LearnedRuleOptimizer(PackageOptimizer):
             torch._foreach_mul_(params, 1.0 - decay)
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
-        return self.rule.dtype if key in self.rule_state_keys else super()._state_dtype(param, key)
+        return self.state_dtype if key in self.rule_state_keys else super()._state_dtype(param, key)
 
     def _rule_on(self, device: torch.device) -> Any:
         if device == self.rule.device:

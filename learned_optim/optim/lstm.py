@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernels import use_fused
 from ..registry import register
 from ..rules import LSTMGACRule
 from ..rules.lstm_gac import default_chunk
 from ._base import check_positive
-from ._learned import LearnedRuleOptimizer, rule_fingerprint
+from ._learned import LearnedRuleOptimizer, check_state_dtype, rule_fingerprint
 
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
@@ -54,9 +55,17 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             step: ``AdamW(lr=1e-3, weight_decay=0.01)`` decays by 1e-5 per step, as λ = 1e-5 does here).
         check_finite: refuse NaN/inf gradients (naming the parameter) before touching anything.
         seed: initialisation seed when ``weights`` is None.
-        chunk_size: coordinates per chunk of the in-place step (a speed knob, not a change of
-            the update; ``None``: 16384 on the CPU, where a chunk's working set then stays in
-            cache, and 2²⁰ on GPUs, where larger chunks mean fewer kernel launches).
+        chunk_size: coordinates per chunk of the eager in-place step (a speed knob, not a
+            change of the update; ``None``: 16384 on the CPU, where a chunk's working set then
+            stays in cache, and 2²⁰ on GPUs, where larger chunks mean fewer kernel launches).
+        fused: step through the Triton kernels (``learned_optim.kernels``): ``None`` where they
+            can run (CUDA with triton installed, or CPU tensors under ``TRITON_INTERPRET=1``),
+            ``True`` to require them, ``False`` for the eager step. Same update up to rounding.
+        state_dtype: the dtype the per-coordinate rule state (LSTM h and c, momentum sums, v)
+            is stored in: ``torch.float32`` (default) or ``torch.bfloat16`` (half the memory;
+            all math stays float32). With bias correction the step count t is then kept per
+            parameter in ``state[p]["step"]``, as Adam keeps it, since bfloat16 cannot count
+            past 256.
     """
 
     rule_class = LSTMGACRule
@@ -72,9 +81,18 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         check_finite: bool = True,
         seed: int = 0,
         chunk_size: int | None = None,
+        fused: bool | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._load(weights, seed, lambda s: LSTMGACRule(seed=s))
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite, chunk_size=chunk_size))
+        self.state_dtype = check_state_dtype(state_dtype)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite,
+                                      chunk_size=chunk_size, fused=fused))
+
+    @property
+    def _count_apart(self) -> bool:
+        """Whether the step counts t live in ``state[p]["step"]`` rather than in the rule state's last row."""
+        return self.rule.config.bias_correction and self.state_dtype != torch.float32
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
@@ -82,9 +100,38 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         chunk = group.setdefault("chunk_size", None)  # a state_dict saved before the option existed
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk!r}")
+        self._check_fused(group)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
-        state["rule_state"] = self.rule.init_state(param.numel(), device=param.device)
+        rows = self.rule.config.state_rows - int(self._count_apart)
+        state["rule_state"] = torch.zeros(rows, param.numel(), dtype=self.state_dtype, device=param.device)
+        if self._count_apart:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by an optimizer with the same weights, in either ``state_dtype``
+        (converted: a float32 state's step-count row becomes ``state[p]["step"]`` and back)."""
+        super().load_state_dict(self._converted_layout(state_dict))
+
+    def _converted_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        rows = self.rule.config.state_rows
+        converted = {}
+        for pid, entry in state_dict.get("state", {}).items():
+            rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
+            if rule_state is None or not self.rule.config.bias_correction:
+                converted[pid] = entry
+                continue
+            entry = dict(entry)
+            if self._count_apart and rule_state.shape[0] == rows:  # t row → per-parameter step
+                t = rule_state[-1]
+                entry["step"] = (t[0] if t.numel() else t.new_zeros(())).detach().to("cpu", torch.float32).clone()
+                entry["rule_state"] = rule_state[:-1]
+            elif not self._count_apart and rule_state.shape[0] == rows - 1 and "step" in entry:  # and back
+                step = torch.as_tensor(entry.pop("step"), dtype=torch.float32)
+                t = step.to(rule_state.device).expand(1, rule_state.shape[1])
+                entry["rule_state"] = torch.cat((rule_state.float(), t))
+            converted[pid] = entry
+        return {**state_dict, "state": converted}
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         # Sharded params (FSDP2 DTensors) arrive as this rank's shards; the GAC averages are
@@ -100,7 +147,12 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             rule_state = self._packed_state((id(group), device), [states[i] for i in indices], "rule_state")
             flat_grad, update = self._flat_grad((id(group), device), [grads[i] for i in indices], rule.dtype)
             chunk = group["chunk_size"] or default_chunk(device)
-            rule.step_(flat_grad, rule_state, layout, update, chunk=chunk)
+            steps = [states[i]["step"] for i in indices] if self._count_apart else []
+            count = self._count_row(steps, sizes, device) if steps else None
+            rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
+                       fused=use_fused(group["fused"], device))
+            if steps:
+                torch._foreach_add_(steps, 1.0)
             targets = [params[i] for i in indices]
             updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
             self._decay(group, targets)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernels import use_fused
 from ..registry import register
 from ..rules import NTMBFGSRule
 from ..rules.lstm_gac import default_chunk
@@ -73,6 +74,9 @@ class NTMBFGS(LearnedRuleOptimizer):
             step: ``AdamW(lr=1e-3, weight_decay=0.01)`` decays by 1e-5 per step, as λ = 1e-5 does here).
         check_finite: refuse NaN/inf gradients (naming the parameter) before touching anything.
         seed: initialisation seed when ``weights`` is None.
+        fused: step the LSTM+GAC controller through the Triton kernels (``learned_optim.kernels``):
+            ``None`` where they can run (CUDA with triton installed, or CPU tensors under
+            ``TRITON_INTERPRET=1``), ``True`` to require them, ``False`` for the eager step.
     """
 
     rule_class = NTMBFGSRule
@@ -91,6 +95,7 @@ class NTMBFGS(LearnedRuleOptimizer):
         weight_decay: float = 0.0,
         check_finite: bool = True,
         seed: int = 0,
+        fused: bool | None = None,
     ) -> None:
         self._load(weights, seed, lambda s: NTMBFGSRule(seed=s))
         if memory is not None or memory_capacity is not None or curvature_eps is not None:
@@ -98,11 +103,12 @@ class NTMBFGS(LearnedRuleOptimizer):
                 self.rule = self.rule.with_memory(memory, memory_capacity, curvature_eps)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"NTMBFGS: {error}") from None
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite, fused=fused))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive(group["lr"], "lr")
         self._check_weight_decay(group)
+        self._check_fused(group)
         if self.rule.config.memory == "dense" and any(shard_group(p) is not None for p in group["params"]):
             raise ValueError("NTMBFGS: the dense memory (n × n) cannot be sharded across ranks, and these "
                              "parameters are sharded (FSDP); use memory='limited' (or 'auto', which picks it)")
@@ -135,7 +141,8 @@ class NTMBFGS(LearnedRuleOptimizer):
         coords = self._packed_state((id(group), device), states, "rule_state")  # stepped in place
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
-        new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device))
+        new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device),
+                               fused=use_fused(group["fused"], device))
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
         self._decay(group, params)
         torch._foreach_add_(params, updates, alpha=group["lr"])

@@ -353,16 +353,18 @@ class NTMBFGSRule(nn.Module):
 
     @torch.no_grad()
     def step_(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout, out: Tensor,
-              chunk: int = STEP_CHUNK) -> Tensor:
+              chunk: int = STEP_CHUNK, fused: bool = False) -> Tensor:
         """:meth:`forward` in place, for the drop-in optimizer (not differentiable): writes g_t
         into ``out`` (N,), advances the per-coordinate state (R, N) in place and returns the new
         memory. The controller runs chunk by chunk in place (:meth:`LSTMGACRule.step_`, with
         torch's tanh: the memory's inner products amplify rounding, see ``lstm_cell``); the
-        heads and memory are :meth:`forward`'s own code."""
+        heads and memory are :meth:`forward`'s own code. ``fused`` steps the controller through
+        the Triton kernels (:meth:`LSTMGACRule.step_`)."""
         coords, memory_state = self._checked(grad, state, segments)
         controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
         extra = self._controller_extra(carried)
-        top = self.controller.step_(grad, controller_state, segments.gac, out, extra, chunk=chunk, sigmoid_tanh=False)
+        top = self.controller.step_(grad, controller_state, segments.gac, out, extra, chunk=chunk, sigmoid_tanh=False,
+                                    fused=fused)
         update, new_carried, memory_state = self._heads(grad, top, out.clone(), carried, memory_state, segments)
         carried.copy_(new_carried)
         out.copy_(update)

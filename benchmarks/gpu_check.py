@@ -1,0 +1,306 @@
+"""The prepared GPU check (issue 17): one command, at most about 8 minutes on one GPU, writing a
+markdown report.
+
+Sections (each timed and guarded: a failing section is reported, and the rest still run; a
+section that would start after ``--budget`` seconds is listed as not run):
+
+1. the CUDA tests (``pytest -k "cuda or fused or tf32"`` over the test files that have them);
+2. the Triton step against the eager step on the GPU: max error of one step of ``lstm-gac``
+   (float32 and bfloat16 state) and of ``ntm-bfgs``, from the same state;
+3. step throughput in parameters per second of ``lstm-gac`` (Triton, float32 and bfloat16
+   state; eager float32) and ``ntm-bfgs`` (Triton) at 1e6, 1e7 and 1e8 parameters, against
+   ``torch.optim.Adam(fused=True)``, with the fraction of the measured copy bandwidth the
+   kernels' traffic (``kernels.lstm_gac.bytes_per_coordinate``) reaches and of the measured
+   TF32 matmul rate their FLOPs (``flops_per_coordinate``) reach; state bytes per parameter;
+4. meta-steps per second of the meta-trainer (``benchmarks/meta_speed.py``: the quadratic
+   setting, and MNIST when ``--data`` has it; float32 and TF32);
+5. a 1-process NCCL run: ``LSTMOptimizer`` (Triton) on an FSDP2-sharded model, whose GAC sums
+   then go through ``all_reduce``, against the same model unsharded.
+
+Usage: ``python benchmarks/gpu_check.py --out results/gpu_check`` on a machine with CUDA and
+triton. ``--device cpu --sizes 1e3 1e4`` under ``TRITON_INTERPRET=1`` runs the same code on the
+CPU (Triton's interpreter, gloo), to check the script itself without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from step_speed import bandwidth, synchronize, time_steps  # noqa: E402
+from test_step_time import param_shapes  # noqa: E402
+
+CUDA_TEST_FILES = ["tests/test_fused_step.py", "tests/test_meta.py", "tests/test_initialization.py",
+                   "tests/test_ntm_bfgs.py", "tests/test_state_dtype.py"]
+
+
+def tf32_rate(device: torch.device, size: int = 4096) -> float:
+    """FLOP/s of a square GEMM with TF32 allowed (best of 5): the tensor-core bound used here."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            synchronize(device)
+            t = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = min(best, time.perf_counter() - t)
+        return 2 * size**3 / best
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def make_params(n: int, device: torch.device) -> list[torch.nn.Parameter]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for shape in param_shapes(n):
+        p = torch.nn.Parameter(0.05 * torch.randn(shape, generator=gen, device=device))
+        p.grad = 1e-2 * torch.randn(shape, generator=gen, device=device)
+        params.append(p)
+    return params
+
+
+def make(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import learned_optim
+
+    if name == "adam-fused":
+        return torch.optim.Adam(params, lr=1e-3, fused=params[0].is_cuda)
+    kinds = {
+        "lstm-gac (triton)": lambda: learned_optim.LSTMOptimizer(params, fused=True),
+        "lstm-gac (triton, bf16 state)": lambda: learned_optim.LSTMOptimizer(params, fused=True,
+                                                                             state_dtype=torch.bfloat16),
+        "lstm-gac (eager)": lambda: learned_optim.LSTMOptimizer(params, fused=False),
+        "ntm-bfgs (triton)": lambda: learned_optim.NTMBFGS(params, fused=True),
+    }
+    return kinds[name]()
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+# ------------------------------------------------------------------------------- sections
+
+def cuda_tests(args) -> str:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *CUDA_TEST_FILES,
+           "-k", "cuda or fused or tf32"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
+    return f"`{' '.join(cmd[2:])}`: exit status {done.returncode}\n\n```\n{tail}\n```"
+
+
+def step_errors(args) -> str:
+    """One step, Triton against eager, from the same (nonzero) state, at 1e6 coordinates."""
+    from learned_optim.kernels.lstm_gac import fused_step_
+    from learned_optim.rules import load_rule
+
+    device = args.device
+    num = int(min(1e6, max(args.sizes)))
+    rows = ["| rule | state | max abs error of g_t | max abs g_t | max abs error of the state |",
+            "| --- | --- | ---: | ---: | ---: |"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name in ("suite", "mnist"):
+        rule = load_rule(name)[0].to(device)
+        layout = rule.segments([num // 2, num - num // 2], device)
+        for dtype in (torch.float32, torch.bfloat16):
+            apart = dtype != torch.float32 and rule.config.bias_correction
+            state = torch.zeros(rule.config.state_rows - int(apart), num, device=device, dtype=dtype)
+            count = torch.zeros(num, device=device) if apart else None
+            out = torch.empty(num, device=device)
+            for _ in range(3):  # a state that is not zero
+                rule.step_(1e-2 * torch.randn(num, generator=gen, device=device), state, layout, out, count=count)
+            grad = 1e-2 * torch.randn(num, generator=gen, device=device)
+            eager, fused = state.clone(), state.clone()
+            counts = [None if count is None else count.clone() for _ in range(2)]
+            out_eager, out_fused = torch.empty_like(out), torch.empty_like(out)
+            rule.step_(grad, eager, layout, out_eager, count=counts[0])
+            lstm, momentum, _, v, t = rule._state_views(fused, counts[1])
+            fused_step_(rule, grad, lstm, momentum, v, t, layout, out_fused)
+            synchronize(torch.device(device))
+            rows.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {(out_fused - out_eager).abs().max():.3g} "
+                        f"| {out_eager.abs().max():.3g} | {(fused.float() - eager.float()).abs().max():.3g} |")
+    import learned_optim
+
+    params_a, params_b = make_params(num, torch.device(device)), make_params(num, torch.device(device))
+    opts = [learned_optim.NTMBFGS(params_a, fused=True), learned_optim.NTMBFGS(params_b, fused=False)]
+    for _ in range(3):
+        for opt in opts:
+            opt.step()
+    error = max(float((a - b).detach().abs().max()) for a, b in zip(params_a, params_b))
+    rows.append(f"| ntm-bfgs-mnist, 3 optimizer steps | float32 | parameters differ by at most {error:.3g} | | |")
+    return f"{num:,} coordinates (two tensors):\n\n" + "\n".join(rows)
+
+
+def throughput(args) -> str:
+    device = torch.device(args.device)
+    peak_bw = bandwidth(device, megabytes=1024 if device.type == "cuda" else 64)
+    peak_flops = tf32_rate(device) if device.type == "cuda" else float("nan")
+    from learned_optim.kernels.lstm_gac import bytes_per_coordinate, flops_per_coordinate
+    from learned_optim.rules import load_rule
+
+    rule = load_rule("suite")[0]
+    lines = [f"Measured in this run: copy bandwidth {peak_bw / 1e12:.2f} TB/s (read + write), TF32 GEMM "
+             f"{peak_flops / 1e12:.0f} TFLOP/s. Design traffic of the Triton LSTM+GAC step: "
+             f"{bytes_per_coordinate(rule)} B per coordinate in float32 state, "
+             f"{bytes_per_coordinate(rule, state_bytes=2)} B in bfloat16; {flops_per_coordinate(rule):,} FLOP "
+             "on the padded tiles.", "",
+             "| optimizer | parameters | step (ms) | parameters/s | × Adam's rate | bandwidth fraction | "
+             "tensor-core fraction | state B/param |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    names = ["adam-fused", "lstm-gac (triton)", "lstm-gac (triton, bf16 state)", "lstm-gac (eager)", "ntm-bfgs (triton)"]
+    for size in args.sizes:
+        n = int(size)
+        adam_rate = None
+        for name in names:
+            if time.perf_counter() - args.start > args.budget:
+                lines.append(f"| {name} | {n:.0e} | not run: past the budget | | | | | |")
+                continue
+            try:
+                params = make_params(n, device)
+                opt = make(name, params)
+                for _ in range(2):
+                    opt.step()
+                seconds = time_steps(opt, device, budget=1.0 if device.type == "cuda" else 0.2, max_rounds=10)
+                rate = n / seconds
+                adam_rate = rate if name == "adam-fused" else adam_rate
+                bw = flops = ""
+                if name.startswith("lstm-gac (triton"):
+                    b = bytes_per_coordinate(rule, state_bytes=2 if "bf16" in name else 4)
+                    bw = f"{rate * b / peak_bw:.2f}"
+                    flops = f"{rate * flops_per_coordinate(rule) / peak_flops:.2f}"
+                ratio = f"{rate / adam_rate:.3g}" if adam_rate else ""
+                lines.append(f"| {name} | {n:.0e} | {seconds * 1e3:.2f} | {rate:.3g} | {ratio} | {bw} | {flops} | "
+                             f"{state_bytes(opt) / n:.0f} |")
+                del opt, params
+            except Exception as error:  # an out-of-memory at 1e8, say: reported, and the rest go on
+                lines.append(f"| {name} | {n:.0e} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | |")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def meta_speed(args) -> str:
+    precisions = ["float32", "tf32"] if args.device == "cuda" else ["float32"]
+    out = Path(args.out) / "meta_speed"
+    cmd = [sys.executable, "benchmarks/meta_speed.py", "--device", args.device, "--episodes", "2",
+           "--precision", *precisions, "--out", str(out)]
+    if args.data and (Path(args.data) / "mnist").is_dir():
+        cmd += ["--data", args.data]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    report = out / "meta_speed.md"
+    body = report.read_text() if report.exists() else (done.stdout + done.stderr)[-3000:]
+    return f"`{' '.join(cmd[1:])}`: exit status {done.returncode}\n\n{body}"
+
+
+_DIST_WORKER = r'''
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import learned_optim
+device = torch.device(sys.argv[1])
+backend = "nccl" if device.type == "cuda" else "gloo"
+dist.init_process_group(backend, init_method="tcp://127.0.0.1:%s" % sys.argv[2], rank=0, world_size=1)
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(device)
+x, y = torch.randn(64, 16, device=device), torch.randn(64, 1, device=device)
+results = []
+for shard in (False, True):
+    m = model()
+    if shard:
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(m)
+    opt = learned_optim.LSTMOptimizer(m.parameters(), fused=True)
+    for _ in range(5):
+        opt.zero_grad(); ((m(x) - y) ** 2).mean().backward(); opt.step()
+    results.append([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for p in m.parameters()])
+error = max(float((a - b).abs().max()) for a, b in zip(*results))
+print("max parameter difference, FSDP2 (1 rank, %s) against unsharded, 5 steps: %.3g" % (backend, error))
+dist.destroy_process_group()
+'''
+
+
+def distributed(args) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", _DIST_WORKER, args.device, str(port)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
+    return f"exit status {done.returncode}\n\n```\n{tail}\n```"
+
+
+SECTIONS = [("CUDA tests", cuda_tests), ("Triton step against the eager step", step_errors),
+            ("Step throughput", throughput), ("Meta-training speed", meta_speed),
+            ("1-process NCCL run", distributed)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no section starts")
+    parser.add_argument("--data", default=os.environ.get("LEARNED_OPTIM_DATA"))
+    parser.add_argument("--sections", default="all", help="comma-separated numbers (1-5) or 'all'")
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_check"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here (--device cpu under TRITON_INTERPRET=1 checks the script on the CPU)")
+    args.start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    chosen = range(1, len(SECTIONS) + 1) if args.sections == "all" else [int(s) for s in args.sections.split(",")]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    report = [f"# GPU check\n\nCommand: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+              f"on {name}; torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}."]
+    summary = {}
+    for index in chosen:
+        title, section = SECTIONS[index - 1]
+        elapsed = time.perf_counter() - args.start
+        if elapsed > args.budget:
+            report.append(f"## {index}. {title}\n\nNot run: {elapsed:.0f} s had passed (budget {args.budget:.0f} s).")
+            continue
+        t = time.perf_counter()
+        try:
+            body = section(args)
+            status = "ok"
+        except Exception:
+            body = f"```\n{traceback.format_exc()[-3000:]}\n```"
+            status = "failed"
+        seconds = time.perf_counter() - t
+        summary[title] = {"status": status, "seconds": round(seconds, 1)}
+        report.append(f"## {index}. {title} ({seconds:.0f} s{', FAILED' if status != 'ok' else ''})\n\n{body}")
+        print(f"{title}: {status} in {seconds:.0f} s", flush=True)
+        (args.out / "report.md").write_text("\n\n".join(report) + "\n")  # written as it goes: a cut-off run keeps its part
+    report.append(f"Total: {time.perf_counter() - args.start:.0f} s.")
+    (args.out / "report.md").write_text("\n\n".join(report) + "\n")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.out / 'report.md'}")
+    return 0 if all(s["status"] == "ok" for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
