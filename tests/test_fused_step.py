@@ -117,6 +117,7 @@ def _train(optimizer_class, device: str, steps: int = 6, **kwargs):
     (LSTMOptimizer, {}),
     (LSTMOptimizer, {"state_dtype": torch.bfloat16}),
     (NTMBFGS, {}),
+    (NTMBFGS, {"state_dtype": torch.bfloat16}),
 ])
 def test_optimizers_fused_against_eager(device, optimizer_class, kwargs):
     fused, fused_opt = _train(optimizer_class, device, fused=True, **kwargs)
@@ -127,4 +128,6 @@ def test_optimizers_fused_against_eager(device, optimizer_class, kwargs):
     assert fused_opt.param_groups[0]["fused"] is True
     if bf16:
         state = fused_opt.state[next(fused.parameters())]
-        assert state["rule_state"].dtype == torch.bfloat16 and float(state["step"]) == 6
+        assert state["rule_state"].dtype == torch.bfloat16
+        if optimizer_class is LSTMOptimizer:  # the suite weights' bias correction: t per parameter
+            assert float(state["step"]) == 6

@@ -58,12 +58,15 @@ def test_the_step_count_held_apart_is_the_same_step_in_float32():
     assert count.eq(300).all() and in_state[-1].eq(300).all()
 
 
-def test_bfloat16_state_trains_as_float32_state_does():
-    """A small regression, 60 steps: bfloat16 state ends within 5% of float32 state's loss."""
+@pytest.mark.parametrize(("optimizer_class", "tolerance"), [(LSTMOptimizer, 0.05), (NTMBFGS, 0.25)])
+def test_bfloat16_state_trains_as_float32_state_does(optimizer_class, tolerance):
+    """A small regression, 60 steps: bfloat16 state ends within 5% of float32 state's loss
+    (NTM-BFGS: 25%; its memory amplifies any rounding difference, so two float32 runs that
+    differ only in summation order part too: here bfloat16 ends 16% *below* float32)."""
     def final_loss(state_dtype: torch.dtype) -> float:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-        opt = LSTMOptimizer(model.parameters(), state_dtype=state_dtype)
+        opt = optimizer_class(model.parameters(), state_dtype=state_dtype)
         x = torch.randn(256, 10)
         y = torch.sin(x.sum(1, keepdim=True))
         for _ in range(60):
@@ -75,7 +78,7 @@ def test_bfloat16_state_trains_as_float32_state_does():
 
     full, half = final_loss(torch.float32), final_loss(torch.bfloat16)
     assert full < 0.5 * 1.1  # it trained (the initial loss is about 0.5)
-    assert abs(half - full) <= 0.05 * full, (half, full)
+    assert abs(half - full) <= tolerance * full, (half, full)
 
 
 def test_state_dict_converts_between_float32_and_bfloat16():
@@ -126,3 +129,27 @@ def test_a_bias_corrected_bfloat16_state_without_its_count_is_refused():
     state = torch.zeros(rule.config.state_rows, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="count"):
         rule.step_(torch.ones(4), state, rule.segments([4]), torch.empty(4))
+
+
+def test_ntm_bfgs_keeps_its_carried_rows_and_memory_in_float32_and_converts_state_dicts():
+    params = _params()
+    half = NTMBFGS(params, state_dtype=torch.bfloat16)
+    _run(half, 3)
+    controller_rows = half.rule.config.controller.state_rows
+    state = half.state[params[0]]
+    assert state["rule_state"].dtype == torch.bfloat16 and state["rule_state"].shape == (controller_rows, 1200)
+    assert state["carried"].dtype == torch.float32 and state["carried"].shape == (4, 1200)
+    assert state["memory"].dtype == torch.float32
+    full = NTMBFGS(params)
+    full.load_state_dict(half.state_dict())
+    rule_state = full.state[params[0]]["rule_state"]
+    assert rule_state.shape == (half.rule.config.state_rows, 1200) and "carried" not in full.state[params[0]]
+    torch.testing.assert_close(rule_state[:controller_rows], state["rule_state"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(rule_state[controller_rows:], state["carried"], rtol=0, atol=0)
+    back = NTMBFGS(params, state_dtype=torch.bfloat16)
+    back.load_state_dict(full.state_dict())
+    _run(half, 2)
+    _run(back, 2)
+    for p in params:
+        for key in ("rule_state", "carried"):
+            assert torch.equal(back.state[p][key], half.state[p][key])

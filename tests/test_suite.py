@@ -161,5 +161,5 @@ def test_a_bf16_suffix_runs_a_learned_optimizer_with_bfloat16_state():
     assert opt.state_dtype == torch.bfloat16 and opt.weights_metadata["name"] == "mnist"
     with pytest.raises(ValueError, match="@fp8"):
         suite.learned_spec("lstm-gac@fp8")
-    with pytest.raises(ValueError, match="state_dtype"):
-        suite.learned_spec("ntm-bfgs@bf16")
+    ntm = suite.learned_spec("ntm-bfgs@bf16").factory([torch.zeros(3, requires_grad=True)], 1.0, None)
+    assert ntm.state_dtype == torch.bfloat16

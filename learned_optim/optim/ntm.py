@@ -8,7 +8,9 @@ group's params must live on one device. State, all in ``optimizer.state`` (so
 ``state_dict`` round-trips):
 
 - ``state[p]["rule_state"]``: every coordinate's controller state and its previous key, step
-  and read (float32, (rule.config.state_rows, numel));
+  and read (float32, (rule.config.state_rows, numel)); with ``state_dtype=torch.bfloat16``
+  the controller's rows only, in bfloat16, and the last 4 (the previous gradient, key, step and
+  read, which the memory's inner products use) in ``state[p]["carried"]``, float32;
 - the group's memory, in the state of the group's first param that has a gradient:
   ``"memory"`` (dense (1, n, n), or limited (1, 2, K, n)) and ``"memory_params"`` (a list of
   the positions in the group of the params it covers). The memory spans exactly the params that
@@ -32,7 +34,7 @@ from ..registry import register
 from ..rules import NTMBFGSRule
 from ..rules.lstm_gac import default_chunk
 from ._base import check_positive, shard_group
-from ._learned import LearnedRuleOptimizer
+from ._learned import LearnedRuleOptimizer, check_state_dtype
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 
@@ -77,11 +79,15 @@ class NTMBFGS(LearnedRuleOptimizer):
         fused: step the LSTM+GAC controller through the Triton kernels (``learned_optim.kernels``):
             ``None`` where they can run (CUDA with triton installed, or CPU tensors under
             ``TRITON_INTERPRET=1``), ``True`` to require them, ``False`` for the eager step.
+        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the
+            controller's per-coordinate state (LSTM h and c, momentum sums, v) is stored in; the
+            carried rows and the memory stay float32. (Controllers with bias correction are not
+            supported in bfloat16 yet.)
     """
 
     rule_class = NTMBFGSRule
     rule: NTMBFGSRule
-    rule_state_keys = ("rule_state", "memory")
+    rule_state_keys = ("rule_state", "memory", "carried")
 
     def __init__(
         self,
@@ -96,8 +102,13 @@ class NTMBFGS(LearnedRuleOptimizer):
         check_finite: bool = True,
         seed: int = 0,
         fused: bool | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._load(weights, seed, lambda s: NTMBFGSRule(seed=s))
+        self.state_dtype = check_state_dtype(state_dtype)
+        if self._split and self.rule.config.controller.bias_correction:
+            raise ValueError("NTMBFGS: state_dtype=torch.bfloat16 is not supported for a controller with bias "
+                             "correction (its step counts cannot be held in bfloat16)")
         if memory is not None or memory_capacity is not None or curvature_eps is not None:
             try:
                 self.rule = self.rule.with_memory(memory, memory_capacity, curvature_eps)
@@ -117,9 +128,43 @@ class NTMBFGS(LearnedRuleOptimizer):
             raise ValueError(f"NTMBFGS shares one memory per param group, so a group's params must be on one "
                              f"device; this group has params on {', '.join(sorted(map(str, devices)))}")
 
+    @property
+    def _split(self) -> bool:
+        """Whether the controller's rows are stored apart (in ``state_dtype``) from the carried rows."""
+        return self.state_dtype != torch.float32
+
+    def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
+        if key == "rule_state":
+            return self.state_dtype
+        return self.rule.dtype if key in self.rule_state_keys else super()._state_dtype(param, key)
+
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
-        state["rule_state"] = torch.zeros(self.rule.config.state_rows, param.numel(), dtype=self.rule.dtype,
-                                          device=param.device)
+        controller_rows = self.rule.config.controller.state_rows
+        if self._split:
+            state["rule_state"] = torch.zeros(controller_rows, param.numel(), dtype=self.state_dtype,
+                                              device=param.device)
+            state["carried"] = torch.zeros(self.rule.config.state_rows - controller_rows, param.numel(),
+                                           dtype=self.rule.dtype, device=param.device)
+        else:
+            state["rule_state"] = torch.zeros(self.rule.config.state_rows, param.numel(), dtype=self.rule.dtype,
+                                              device=param.device)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by an optimizer with the same weights, in either ``state_dtype``
+        (converted: the carried rows move between ``rule_state`` and ``carried``)."""
+        controller_rows = self.rule.config.controller.state_rows
+        converted = {}
+        for pid, entry in state_dict.get("state", {}).items():
+            rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
+            if rule_state is not None:
+                entry = dict(entry)
+                if self._split and "carried" not in entry:  # float32 layout → split
+                    entry["carried"] = rule_state[controller_rows:].float()
+                    entry["rule_state"] = rule_state[:controller_rows]
+                elif not self._split and "carried" in entry:  # and back
+                    entry["rule_state"] = torch.cat((rule_state.float(), entry.pop("carried").float()))
+            converted[pid] = entry
+        super().load_state_dict({**state_dict, "state": converted})
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         device = params[0].device
@@ -139,10 +184,11 @@ class NTMBFGS(LearnedRuleOptimizer):
                     other.pop("memory_params", None)
         flat_grad, update = self._flat_grad((id(group), device), grads, rule.dtype)
         coords = self._packed_state((id(group), device), states, "rule_state")  # stepped in place
+        carried = self._packed_state((id(group), device, "carried"), states, "carried") if self._split else None
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
         new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device),
-                               fused=use_fused(group["fused"], device))
+                               fused=use_fused(group["fused"], device), carried=carried)
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
         self._decay(group, params)
         torch._foreach_add_(params, updates, alpha=group["lr"])

@@ -353,18 +353,35 @@ class NTMBFGSRule(nn.Module):
 
     @torch.no_grad()
     def step_(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout, out: Tensor,
-              chunk: int = STEP_CHUNK, fused: bool = False) -> Tensor:
+              chunk: int = STEP_CHUNK, fused: bool = False, carried: Tensor | None = None) -> Tensor:
         """:meth:`forward` in place, for the drop-in optimizer (not differentiable): writes g_t
         into ``out`` (N,), advances the per-coordinate state (R, N) in place and returns the new
         memory. The controller runs chunk by chunk in place (:meth:`LSTMGACRule.step_`, with
         torch's tanh: the memory's inner products amplify rounding, see ``lstm_cell``); the
         heads and memory are :meth:`forward`'s own code. ``fused`` steps the controller through
-        the Triton kernels (:meth:`LSTMGACRule.step_`)."""
-        coords, memory_state = self._checked(grad, state, segments)
-        controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
+        the Triton kernels (:meth:`LSTMGACRule.step_`).
+
+        ``carried`` (4, N) float32 holds the rows after the controller's (∇, r, s, i of the last
+        step) apart from the state, which then holds the controller's rows only, possibly in
+        bfloat16 (the drop-in optimizer's ``state_dtype``): the memory's inner products need
+        the carried rows in float32."""
+        if carried is None:
+            coords, memory_state = self._checked(grad, state, segments)
+            controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
+        else:
+            controller_state, memory_state = state
+            rows = self.config.controller.state_rows
+            if controller_state.dim() != 2 or controller_state.shape != (rows, grad.shape[0]):
+                raise ValueError(f"controller state must have shape ({rows}, {grad.shape[0]}), "
+                                 f"got {tuple(controller_state.shape)}")
+            if carried.shape != (_CARRIED, grad.shape[0]) or carried.dtype != self.dtype:
+                raise ValueError(f"carried rows must be {self.dtype} of shape ({_CARRIED}, {grad.shape[0]}), "
+                                 f"got {carried.dtype} {tuple(carried.shape)}")
+            segments.memory.check_state(memory_state, segments.groups.width, segments.groups.count)
         extra = self._controller_extra(carried)
         top = self.controller.step_(grad, controller_state, segments.gac, out, extra, chunk=chunk, sigmoid_tanh=False,
                                     fused=fused)
+        top = top.to(self.dtype)  # the heads read h in float32 (a copy where the state is bfloat16)
         update, new_carried, memory_state = self._heads(grad, top, out.clone(), carried, memory_state, segments)
         carried.copy_(new_carried)
         out.copy_(update)
