@@ -20,7 +20,7 @@ from learned_optim.kernels import interpreting, triton_available
 def test_the_triton_kernels_match_the_eager_step_in_the_interpreter():
     test_file = Path(__file__).with_name("test_fused_step.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(test_file)],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(test_file)],
                             capture_output=True, text=True, env=env, cwd=test_file.parent.parent, timeout=1200)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-6000:]
