@@ -38,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from step_speed import bandwidth, synchronize, time_steps  # noqa: E402
+from step_speed import bandwidth, matmul_rate, synchronize, time_steps  # noqa: E402
 from test_step_time import param_shapes  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_fused_step.py", "tests/test_meta.py", "tests/test_initialization.py",
@@ -46,20 +46,11 @@ CUDA_TEST_FILES = ["tests/test_fused_step.py", "tests/test_meta.py", "tests/test
 
 
 def tf32_rate(device: torch.device, size: int = 4096) -> float:
-    """FLOP/s of a square GEMM with TF32 allowed (best of 5): the tensor-core bound used here."""
+    """FLOP/s of a square GEMM with TF32 allowed: the tensor-core bound used here."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-        a @ b
-        best = float("inf")
-        for _ in range(5):
-            synchronize(device)
-            t = time.perf_counter()
-            a @ b
-            synchronize(device)
-            best = min(best, time.perf_counter() - t)
-        return 2 * size**3 / best
+        return matmul_rate(device, size)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 

@@ -151,6 +151,14 @@ def _finished_rows(ptr, stride, rows, cols, valid, means_ptr, num_scopes, scope,
 
 
 @triton.jit
+def _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK: tl.constexpr):
+    """This program's block: its index, scope, coordinates (int64) and which of them exist."""
+    pid = tl.program_id(0)
+    cols = tl.load(starts_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    return pid, tl.load(scopes_ptr + pid), cols, cols < tl.load(stops_ptr + pid)
+
+
+@triton.jit
 def _layer_kernel(
     starts_ptr, stops_ptr, scopes_ptr,
     h_ptr, c_ptr, stride_lstm,  # this layer's h and c rows
@@ -162,12 +170,7 @@ def _layer_kernel(
     RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, LOG_SIGN: tl.constexpr, E: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = tl.load(starts_ptr + pid)
-    stop = tl.load(stops_ptr + pid)
-    scope = tl.load(scopes_ptr + pid)
-    cols = start + tl.arange(0, BLOCK).to(tl.int64)
-    valid = cols < stop
+    pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
     row_ok = hr < H
     offsets = hr.to(tl.int64)[:, None] * stride_lstm + cols[None, :]
@@ -238,12 +241,7 @@ def _output_kernel(
     H: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
     RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = tl.load(starts_ptr + pid)
-    stop = tl.load(stops_ptr + pid)
-    scope = tl.load(scopes_ptr + pid)
-    cols = start + tl.arange(0, BLOCK).to(tl.int64)
-    valid = cols < stop
+    pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
     top = _finished_rows(top_ptr, stride_lstm, hr, cols, valid, means_ptr, num_scopes, scope, H, K)
     update = (tl.sum(tl.load(w_ptr + hr)[:, None] * top, axis=0) + output_bias) * output_scale
