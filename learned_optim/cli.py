@@ -221,7 +221,8 @@ def _meta_trainer(args: argparse.Namespace):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """Write the best validated φ of a meta-training run's checkpoint (the run may go on)."""
+    """Write the best validated φ of a meta-training run's checkpoint (the run may go on), or with
+    ``--latest`` the φ it holds now (for when the validation's horizon is not the one of interest)."""
     from pathlib import Path
 
     from .meta.trainer import CHECKPOINT
@@ -236,7 +237,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         rule = load_rule(settings["init_weights"])[0]  # the run took the init weights' config
     else:
         rule = rule_from_config(settings["rule"], settings.get("rule_config") or {})
-    rule.load_state_dict(payload["best_rule"])
+    rule.load_state_dict(payload["rule" if args.latest else "best_rule"])
     best = json.loads(payload["best"])
     command = shlex.join(["learned-optim", *args.argv])
     out = save_rule(rule.eval(), args.out, {
@@ -244,11 +245,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
                  "kwargs": {k: v for k, v in settings.get("task_kwargs", {}).items() if k != "root"}},
         "meta_training": {**settings, "episodes": payload["episode"], "train_seconds": round(payload["elapsed"], 1),
                           "skipped_truncations": payload["skipped"], "best_validation": best,
-                          "exported_from": str(path), "cpu_threads": torch.get_num_threads()},
+                          "exported_from": str(path), "cpu_threads": torch.get_num_threads(),
+                          "exported": f"the latest φ (episode {payload['episode']})" if args.latest
+                          else "the best validated φ"},
         "command": command,
     })
-    print(f"wrote {out} and {out.with_suffix('.safetensors')}: the weights validated best "
-          f"(episode {best['episode']}, meta-loss {best['meta_loss']:.4g}) of {payload['episode']} episodes, "
+    which = f"the latest weights (episode {payload['episode']}; the best validated were episode {best['episode']})" \
+        if args.latest else f"the weights validated best (episode {best['episode']}, meta-loss {best['meta_loss']:.4g})"
+    print(f"wrote {out} and {out.with_suffix('.safetensors')}: {which} of {payload['episode']} episodes, "
           f"{payload['elapsed']:.0f} s of training")
     return 0
 
@@ -328,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_export = sub.add_parser("export", help="write the best validated weights of a meta-training checkpoint")
     p_export.add_argument("--workdir", required=True, help="the run's checkpoint directory (meta-train's --workdir)")
     p_export.add_argument("--out", required=True, help="weights path without suffix")
+    p_export.add_argument("--latest", action="store_true",
+                          help="the φ the run holds now instead of the best validated one")
     p_export.set_defaults(func=_cmd_export, parser=p_export)
     return parser
 

@@ -36,6 +36,14 @@ def _rules() -> dict[str, LSTMGACRule]:
     rules["group-scope-no-gac"] = LSTMGACRule(LSTMGACConfig(gac_scope="group", gac_cells=0), seed=3)
     rules["extra-inputs"] = LSTMGACRule(LSTMGACConfig(momentum_decays=(0.5, 0.9), momentum_rms_decay=0.999,
                                                       extra_inputs=2), seed=1)
+    no_absolute = LSTMGACRule(LSTMGACConfig(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.999,
+                                            input_features="normalized", bias_correction=True,
+                                            absolute_step=False), seed=2)
+    with torch.no_grad():  # every term of the output in use
+        gen = torch.Generator().manual_seed(5)
+        for p in no_absolute.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    rules["no-absolute-step"] = no_absolute
     return rules
 
 

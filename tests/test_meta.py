@@ -12,6 +12,7 @@ import torch
 from learned_optim import LSTMOptimizer
 from learned_optim.meta import MetaTrainConfig, MetaTrainer, TruncatedBPTT, Unroll, meta_loss, resolve_device, validate
 from learned_optim.rules import LSTMGACConfig, LSTMGACRule, Segments
+from learned_optim.rules.weights import load_rule
 from learned_optim.tasks import Task, TaskFamily, get_family, register_family
 
 F64 = torch.float64
@@ -399,3 +400,21 @@ def test_validation_can_run_on_other_arguments_of_the_family(tmp_path):
     with pytest.raises(ValueError, match="validation_task_kwargs"):
         MetaTrainer(_config(validation_task_kwargs={"dim": 5}), tmp_path / "b", progress=False, log=None,
                     family=get_family("quadratic", dim=3))
+
+
+def test_warm_starts_take_the_weights_and_drop_only_what_the_config_turns_off(tmp_path):
+    """--init-weights: with no rule config φ is the weights' rule; with absolute_step=False every
+    shared tensor is copied and only the LSTM's own output term (w, b) is dropped; a config the
+    weights do not fit is refused by name."""
+    base = dict(task="quadratic", tasks_per_step=2, episodes=1, device="cpu", init_weights="suite")
+    start = load_rule("suite")[0].state_dict()
+    same = MetaTrainer(MetaTrainConfig(**base), tmp_path / "same", progress=False).rule.state_dict()
+    assert set(same) == set(start) and all(torch.equal(same[k], start[k]) for k in start)
+    relative = {**load_rule("suite")[1]["config"], "absolute_step": False}
+    rule = MetaTrainer(MetaTrainConfig(**base, rule_config=relative), tmp_path / "rel", progress=False).rule
+    kept = rule.state_dict()
+    assert set(kept) == set(start) - {"output_weight", "output_bias"}
+    assert all(torch.equal(kept[k], start[k]) for k in kept)
+    with pytest.raises(ValueError, match="do not fit the rule config given"):
+        MetaTrainer(MetaTrainConfig(**base, rule_config={**relative, "hidden_size": 8}), tmp_path / "bad",
+                    progress=False)

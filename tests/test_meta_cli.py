@@ -59,6 +59,16 @@ def test_export_writes_a_checkpoints_best_weights_loadable_by_the_optimizer(tmp_
         assert torch.equal(a, b)  # the same best φ the finished run wrote
     meta = json.loads(exported.with_suffix(".json").read_text())
     assert meta["meta_training"]["episodes"] == 3 and meta["command"].startswith("learned-optim export")
+    checkpoint = torch.load(tmp_path / "tiny.run" / "checkpoint.pt", weights_only=True)
+    checkpoint["rule"] = {k: v + 0.5 for k, v in checkpoint["rule"].items()}  # a run that moved on since its best
+    (tmp_path / "moved.run").mkdir()
+    torch.save(checkpoint, tmp_path / "moved.run" / "checkpoint.pt")
+    for flags, expected, printed in ((["--latest"], checkpoint["rule"], "the latest weights (episode 3"),
+                                     ([], checkpoint["best_rule"], "the weights validated best")):
+        assert main(["export", "--workdir", str(tmp_path / "moved.run"), "--out", str(tmp_path / "w"), *flags]) == 0
+        assert printed in capsys.readouterr().out
+        held = LSTMOptimizer([torch.nn.Parameter(torch.ones(4))], weights=tmp_path / "w").rule.state_dict()
+        assert all(torch.equal(held[k], expected[k]) for k in held)
     with pytest.raises(SystemExit):
         main(["export", "--workdir", str(tmp_path / "nowhere"), "--out", str(exported)])
     assert "no checkpoint at" in capsys.readouterr().err

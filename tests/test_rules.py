@@ -456,3 +456,41 @@ def test_a_fresh_bias_corrected_normalized_rule_is_adam_at_lr_0_01():
     with pytest.raises(ValueError, match="bias_correction needs momentum_rms_decay"):
         LSTMGACConfig(momentum_decays=(0.9,), bias_correction=True)
 
+
+
+def test_without_the_absolute_step_the_rule_is_its_direction_terms_alone():
+    """absolute_step=False drops s·(wᵀh + b): the rule is then the same rule with w = b = 0,
+    in the differentiable and the in-place step, and a coordinate whose directions are all zero
+    does not move (with the LSTM's own term it drifts by s·(wᵀh + b))."""
+    config = dict(hidden_size=8, bias_correction=True, **NORMALIZED)
+    with_term = LSTMGACRule(LSTMGACConfig(**config), seed=4)
+    without = LSTMGACRule(LSTMGACConfig(absolute_step=False, **config), seed=4)
+    assert not hasattr(without, "output_weight") and set(without.state_dict()) == \
+        set(with_term.state_dict()) - {"output_weight", "output_bias"}
+    with torch.no_grad():
+        for p in with_term.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        without.load_state_dict({k: v for k, v in with_term.state_dict().items() if not k.startswith("output_")})
+    zeroed = LSTMGACRule(LSTMGACConfig(**config), seed=4)
+    zeroed.load_state_dict(with_term.state_dict())
+    with torch.no_grad():
+        zeroed.output_weight.zero_()
+        zeroed.output_bias.zero_()
+    segments = Segments.from_sizes([6, 4])
+    grad = torch.randn(10)
+    grad[3] = 0.0  # coordinate 3: zero gradient from the start, so m = v = 0 and every d_j = 0
+    state, flat, out = without.init_state(10), without.init_state(10), torch.empty(10)
+    reference = zeroed.init_state(10)
+    for _ in range(3):
+        update, state = without(grad, state, segments)
+        expected, reference = zeroed(grad, reference, segments)
+        without.step_(grad.clone(), flat, segments, out, chunk=4, sigmoid_tanh=False)
+        torch.testing.assert_close(update, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out, update.detach(), rtol=1e-5, atol=1e-7)
+        assert update[3] == 0.0
+    drift, _ = with_term(grad, with_term.init_state(10), segments)
+    assert abs(float(drift[3].detach())) > 1e-4  # the absolute term moves it (the property is not vacuous)
+    with pytest.raises(ValueError, match="absolute_step=False needs momentum_decays"):
+        LSTMGACConfig(absolute_step=False)
+    with pytest.raises(ValueError, match="absolute_step must be True or False"):
+        LSTMGACConfig(absolute_step=0, **NORMALIZED)

@@ -328,13 +328,15 @@ def _weights(rule: LSTMGACRule, device: torch.device) -> _Weights:
             wh.append(h_part.to(device))
             b.append(bias.to(device))
         w_out = torch.zeros(P)
-        w_out[:H] = rule.output_weight.detach().float()[:, 0].cpu()
+        if cfg.absolute_step:  # else the LSTM's own term is off: w = 0, b = 0 gives exactly that
+            w_out[:H] = rule.output_weight.detach().float()[:, 0].cpu()
         u, u_bias = torch.zeros(max(M, 1), P), torch.zeros(max(M, 1))
         if M:
             u[:, :H] = rule.momentum_weight.detach().float().t().cpu()
             u_bias[:M] = rule.momentum_bias.detach().float().cpu()
         betas = torch.tensor(cfg.momentum_decays or (0.0,), dtype=torch.float32)
-    prepared = _Weights(versions, wx, wh, b, w_out.to(device), float(rule.output_bias.detach()[0]),
+    output_bias = float(rule.output_bias.detach()[0]) if cfg.absolute_step else 0.0
+    prepared = _Weights(versions, wx, wh, b, w_out.to(device), output_bias,
                         u.to(device), u_bias.to(device), betas.to(device))
     _WEIGHTS[rule][device] = prepared
     return prepared

@@ -212,8 +212,11 @@ class MetaTrainer:
         if start.name == self.rule.name and not self.config.rule_config:
             self.rule = start  # the weights' own config: what "start from these weights" means
         elif start.name == self.rule.name:
+            state, wanted = start.state_dict(), self.rule.state_dict()
+            if set(wanted) <= set(state):  # surplus weights, of terms the given config turns off
+                state = {k: v for k, v in state.items() if k in wanted}  # (absolute_step=False: w, b), dropped
             try:
-                self.rule.load_state_dict(start.state_dict())
+                self.rule.load_state_dict(state)
             except RuntimeError as error:
                 raise ValueError(f"init weights {weights!r} do not fit the rule config given "
                                  f"({self.config.rule_config}); leave the rule config empty to take theirs "

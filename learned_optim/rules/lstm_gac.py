@@ -89,6 +89,8 @@ class LSTMGACConfig:
     momentum_rms_decay: float | None = None  # β₂: normalize the momentum directions by √v (None: raw sums)
     input_features: str = "log-sign"  # the LSTM's inputs: "log-sign" (the paper's) or "normalized" (see INPUT_FEATURES)
     bias_correction: bool = False  # Adam's: m and v divided by 1 − βᵗ (one more state row: the step count t)
+    absolute_step: bool = True  # the LSTM's own term s·(wᵀh + b), in the parameters' units (the paper's);
+    # False: only the learned step sizes on the normalized directions d_j, a step that shrinks as Adam's does
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -105,8 +107,12 @@ class LSTMGACConfig:
                 if beta * beta >= beta2:
                     raise ValueError(f"momentum_rms_decay ({beta2}) must exceed the square of every momentum "
                                      f"decay (β² = {beta * beta:.6g} for β = {beta}) to keep steps bounded")
-        if not isinstance(self.bias_correction, bool):
-            raise ValueError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        for name in ("bias_correction", "absolute_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not self.absolute_step and (beta2 is None or not self.momentum_decays):
+            raise ValueError("absolute_step=False needs momentum_decays and momentum_rms_decay: without the "
+                             "LSTM's own term the step is the learned step sizes on the normalized directions")
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
@@ -179,8 +185,10 @@ class LSTMGACRule(nn.Module):
         num_momenta = len(cfg.momentum_decays)
         self.core = LSTMGACCore(cfg.input_size, cfg.hidden_size, cfg.num_layers, cfg.gac_cells, gen)
         bound = 1.0 / math.sqrt(cfg.hidden_size)
-        self.output_weight = nn.Parameter((torch.rand(cfg.hidden_size, 1, generator=gen) * 2 - 1) * bound)
-        self.output_bias = nn.Parameter(torch.zeros(1))
+        output_weight = (torch.rand(cfg.hidden_size, 1, generator=gen) * 2 - 1) * bound  # drawn either way:
+        if cfg.absolute_step:  # the rest of φ's initialization does not depend on the flag
+            self.output_weight = nn.Parameter(output_weight)
+            self.output_bias = nn.Parameter(torch.zeros(1))
         if num_momenta:  # u_j, c_j: step sizes on the momentum sums, zero at the start
             self.momentum_weight = nn.Parameter(torch.zeros(cfg.hidden_size, num_momenta))
             self.momentum_bias = nn.Parameter(torch.zeros(num_momenta))
@@ -190,7 +198,8 @@ class LSTMGACRule(nn.Module):
             # whose β is nearest 0.9, i.e. Adam without bias correction (the meta-gradient of
             # w, u is not zero, so the LSTM is trained from the first meta-step).
             with torch.no_grad():
-                self.output_weight.zero_()
+                if cfg.absolute_step:
+                    self.output_weight.zero_()
                 nearest = min(range(num_momenta), key=lambda j: abs(cfg.momentum_decays[j] - 0.9))
                 self.momentum_bias[nearest] = -FRESH_MOMENTUM_STEP
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
@@ -206,11 +215,11 @@ class LSTMGACRule(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output_weight.dtype
+        return self.core.weights[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.output_weight.device
+        return self.core.weights[0].device
 
     def init_state(self, num_coordinates: int, device: torch.device | str | None = None,
                    segments: Segments | None = None) -> Tensor:
@@ -297,13 +306,17 @@ class LSTMGACRule(nn.Module):
 
     def output(self, top: Tensor, momentum: Tensor, second_moment: Tensor, out: Tensor | None = None) -> Tensor:
         """g_t (n,) from the top layer's output (H, n) and the advanced momentum sums and v:
-        s·(wᵀh + b), plus Σ_j (u_jᵀh + c_j)·d_j with momentum directions d_j (into ``out`` if given)."""
+        s·(wᵀh + b) (unless ``absolute_step`` is off), plus Σ_j (u_jᵀh + c_j)·d_j with momentum
+        directions d_j (into ``out`` if given)."""
         cfg = self.config
-        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
         if not cfg.momentum_decays:
+            update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
             return update if out is None else out.copy_(update)
         step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, n)
         directions = momentum if cfg.momentum_rms_decay is None else self.directions(momentum, second_moment)
+        if not cfg.absolute_step:
+            return torch.sum(step_sizes * directions, 0, out=out)
+        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
         return torch.add(update, (step_sizes * directions).sum(0), out=out)
 
     def _rms(self, second_moment: Tensor) -> Tensor:
