@@ -213,8 +213,8 @@ class MetaTrainer:
             self.rule = start  # the weights' own config: what "start from these weights" means
         elif start.name == self.rule.name:
             state, wanted = start.state_dict(), self.rule.state_dict()
-            if set(wanted) <= set(state):  # surplus weights, of terms the given config turns off
-                state = {k: v for k, v in state.items() if k in wanted}  # (absolute_step=False: w, b), dropped
+            if set(wanted) <= set(state):  # drop surplus weights: terms the given config turns off
+                state = {k: v for k, v in state.items() if k in wanted}  # (absolute_step=False: w and b)
             try:
                 self.rule.load_state_dict(state)
             except RuntimeError as error:

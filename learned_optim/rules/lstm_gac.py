@@ -309,15 +309,14 @@ class LSTMGACRule(nn.Module):
         s·(wᵀh + b) (unless ``absolute_step`` is off), plus Σ_j (u_jᵀh + c_j)·d_j with momentum
         directions d_j (into ``out`` if given)."""
         cfg = self.config
+        own = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale \
+            if cfg.absolute_step else None
         if not cfg.momentum_decays:
-            update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
-            return update if out is None else out.copy_(update)
+            return cast(Tensor, own) if out is None else out.copy_(cast(Tensor, own))  # (no sums: the config requires the own term)
         step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, n)
         directions = momentum if cfg.momentum_rms_decay is None else self.directions(momentum, second_moment)
-        if not cfg.absolute_step:
-            return torch.sum(step_sizes * directions, 0, out=out)
-        update = torch.addmm(self.output_bias, self.output_weight.t(), top).squeeze(0) * cfg.output_scale
-        return torch.add(update, (step_sizes * directions).sum(0), out=out)
+        moves = step_sizes * directions
+        return torch.sum(moves, 0, out=out) if own is None else torch.add(own, moves.sum(0), out=out)
 
     def _rms(self, second_moment: Tensor) -> Tensor:
         """√v̂ + ε (1, n): v̂ = v, or v/(1 − β₂ᵗ) with bias correction."""
