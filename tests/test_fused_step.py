@@ -38,12 +38,12 @@ def _rules() -> dict[str, LSTMGACRule]:
                                                       extra_inputs=2), seed=1)
     no_absolute = LSTMGACRule(LSTMGACConfig(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.999,
                                             input_features="normalized", bias_correction=True,
-                                            absolute_step=False), seed=2)
-    with torch.no_grad():  # every term of the output in use
+                                            absolute_step=False, step_timescales=(2.0, 30.0)), seed=2)
+    with torch.no_grad():  # every term of the output in use (and the time features' input rows)
         gen = torch.Generator().manual_seed(5)
         for p in no_absolute.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    rules["no-absolute-step"] = no_absolute
+    rules["no-absolute-step-time-features"] = no_absolute
     return rules
 
 
@@ -91,10 +91,11 @@ def test_fused_step_matches_eager(device, name, sizes, chunk, block):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_step_in_bfloat16_state(device):
+@pytest.mark.parametrize("name", ["suite", "no-absolute-step-time-features"])
+def test_fused_step_in_bfloat16_state(device, name):
     """bfloat16 state: the same step; both paths read what the state holds (rounded), so they
     differ where a float32 result one ulp apart rounds to neighbouring bfloat16 values."""
-    eager, fused, out_eager, out_fused = _step_both(RULES["suite"], [300, 7, 500], device, steps=1, chunk=64,
+    eager, fused, out_eager, out_fused = _step_both(RULES[name], [300, 7, 500], device, steps=1, chunk=64,
                                                     state_dtype=torch.bfloat16)
     assert fused.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), eager.float(), atol=2 ** -7, rtol=2 ** -7)  # at most a rounding flip

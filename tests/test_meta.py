@@ -415,6 +415,11 @@ def test_warm_starts_take_the_weights_and_drop_only_what_the_config_turns_off(tm
     kept = rule.state_dict()
     assert set(kept) == set(start) - {"output_weight", "output_bias"}
     assert all(torch.equal(kept[k], start[k]) for k in kept)
+    timed = MetaTrainer(MetaTrainConfig(**base, rule_config={**relative, "step_timescales": [10, 100]}),
+                        tmp_path / "timed", progress=False).rule.state_dict()  # two new inputs, at zero
+    first, widened = start["core.weights.0"], timed["core.weights.0"]
+    assert widened.shape[0] == first.shape[0] + 2 and torch.equal(widened[4:6], torch.zeros(2, widened.shape[1]))
+    assert torch.equal(widened[:4], first[:4]) and torch.equal(widened[6:], first[4:])
     with pytest.raises(ValueError, match="do not fit the rule config given"):
         MetaTrainer(MetaTrainConfig(**base, rule_config={**relative, "hidden_size": 8}), tmp_path / "bad",
                     progress=False)

@@ -494,3 +494,62 @@ def test_without_the_absolute_step_the_rule_is_its_direction_terms_alone():
         LSTMGACConfig(absolute_step=False)
     with pytest.raises(ValueError, match="absolute_step must be True or False"):
         LSTMGACConfig(absolute_step=0, **NORMALIZED)
+
+
+def test_time_features_are_tanh_of_the_step_count_over_each_timescale():
+    """step_timescales (τ₁, τ₂): after t steps the LSTM's last input rows are tanh(t/τ_k), by hand
+    at t = 1..3 for τ = (2, 30), in the differentiable step and the in-place one (which agree);
+    the names of the inputs say where they sit (after the signals' features)."""
+    config = LSTMGACConfig(hidden_size=6, bias_correction=True, step_timescales=(2, 30), **NORMALIZED)
+    assert config.step_timescales == (2.0, 30.0) and config.input_size == 1 + 3 + 2
+    assert config.input_names()[-2:] == ["tanh(t/2)", "tanh(t/30)"]
+    rule = LSTMGACRule(config, seed=1)
+    segments = Segments.from_sizes([3, 2])
+    state, flat, out = rule.init_state(5), rule.init_state(5), torch.empty(5)
+    for t in (1, 2, 3):
+        grad = torch.randn(5)
+        _, momentum, second_moment = rule.split_state(state)
+        features, _, _ = rule.signals(grad, momentum, second_moment)
+        expected = torch.tensor([[math.tanh(t / 2)], [math.tanh(t / 30)]]).expand(2, 5)
+        torch.testing.assert_close(features[-2:], expected, rtol=1e-6, atol=0)
+        update, state = rule(grad, state, segments)
+        rule.step_(grad.clone(), flat, segments, out, chunk=2, sigmoid_tanh=False)
+        torch.testing.assert_close(out, update.detach(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(rule.split_state(state)[2][1], torch.full((5,), 3.0))  # t counted in the state
+    with pytest.raises(ValueError, match="step_timescales needs bias_correction"):
+        LSTMGACConfig(step_timescales=(10,), **NORMALIZED)
+    for bad in (0, -1.0, math.inf, True):
+        with pytest.raises(ValueError, match="step_timescales must be finite positive numbers"):
+            LSTMGACConfig(bias_correction=True, step_timescales=(bad,), **NORMALIZED)
+    assert LSTMGACConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # saved and read back
+
+
+def test_widened_inputs_step_exactly_as_the_source_until_trained():
+    """A rule given more inputs (time features) from another's weights, by widened_inputs: the new
+    input rows are zero, so the two step identically; the weights of a rule reading inputs the
+    target lacks are refused by name."""
+    from learned_optim.rules.lstm_gac import widened_inputs
+
+    base = dict(hidden_size=6, bias_correction=True, **NORMALIZED)
+    source = LSTMGACRule(LSTMGACConfig(**base), seed=2)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    target_config = LSTMGACConfig(step_timescales=(5, 50), **base)
+    widened = LSTMGACRule(target_config, seed=0)
+    widened.load_state_dict(widened_inputs(source.state_dict(), source.config, target_config))
+    first = widened.core.weights[0]
+    assert target_config.input_names()[4:6] == ["tanh(t/5)", "tanh(t/50)"]
+    assert torch.equal(first[4:6], torch.zeros(2, first.shape[1]))
+    segments = Segments.from_sizes([4, 3])
+    a, b = source.init_state(7), widened.init_state(7)
+    for _ in range(4):
+        grad = torch.randn(7)
+        ua, a = source(grad, a, segments)
+        ub, b = widened(grad, b, segments)
+        torch.testing.assert_close(ub, ua, rtol=0, atol=0)
+    with torch.no_grad():
+        widened.core.weights[0][4].fill_(0.5)  # once a time input has weight, the steps differ
+    assert not torch.equal(widened(grad, b, segments)[0], source(grad, a, segments)[0])
+    with pytest.raises(ValueError, match=r"does not read the inputs \['tanh\(t/5\)'"):
+        widened_inputs(widened.state_dict(), target_config, LSTMGACConfig(**base))

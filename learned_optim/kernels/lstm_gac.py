@@ -6,7 +6,8 @@ Per layer l, a program takes one block of ``BLOCK`` coordinates that lie in one 
 
 1. reads its input x: for layer 0 the gradient and the rule's signals (momentum sums m ← β·m + ∇,
    v ← β₂·v + (1−β₂)·∇², the step count t, written back in place, and the preprocessed
-   features: log/sign or ∇/√v̂ and the directions d_j), for layer l > 0 the new h of layer l − 1,
+   features: log/sign or ∇/√v̂ and the directions d_j, and the time features tanh(t/τ_k) of the
+   step count), for layer l > 0 the new h of layer l − 1,
    whose first ``gac_cells`` rows it replaces by their finished scope means (and stores them:
    that is the state the eager step leaves);
 2. computes the four gates, Wₓx + Wₕh + b, with ``tl.dot`` on tiles padded to powers of two
@@ -164,11 +165,11 @@ def _layer_kernel(
     h_ptr, c_ptr, stride_lstm,  # this layer's h and c rows
     x_ptr, x_means_ptr, num_scopes,  # layer > 0: the previous layer's h and its GAC means (K, count)
     grad_ptr, m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2, p,  # layer 0: the signals
-    extra_ptr, stride_extra,
+    inverse_timescales_ptr, extra_ptr, stride_extra,
     wx_ptr, wh_ptr, b_ptr, partial_ptr,
     FIRST: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, LOG_SIGN: tl.constexpr, E: tl.constexpr,
-    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, LOG_SIGN: tl.constexpr, T: tl.constexpr,
+    E: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
@@ -213,9 +214,13 @@ def _layer_kernel(
             else:
                 d = _direction(m, beta, t, rms, BIAS_CORRECTION)
                 gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, 1 + j, d, hr, H_PAD)
+        for k in tl.static_range(T):  # time features tanh(t/τ_k), after the signals' features
+            time_k = _tanh(t * tl.load(inverse_timescales_ptr + k))
+            index = (2 if LOG_SIGN else 1) * (1 + M) + k
+            gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, index, time_k, hr, H_PAD)
         for e in tl.static_range(E):
             x_e = tl.load(extra_ptr + e * stride_extra + cols, mask=valid, other=0.0).to(tl.float32)
-            index = (2 if LOG_SIGN else 1) * (1 + M) + e
+            index = (2 if LOG_SIGN else 1) * (1 + M) + T + e
             gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, index, x_e, hr, H_PAD)
     else:
         x = _finished_rows(x_ptr, stride_lstm, hr, cols, valid, x_means_ptr, num_scopes, scope, H, K)
@@ -275,6 +280,7 @@ class _Weights:
     u: Tensor  # (M, H_PAD)
     u_bias: Tensor  # (M,)
     betas: Tensor  # (M,)
+    inverse_timescales: Tensor  # (T,): 1/τ_k of the time features tanh(t/τ_k) (one placeholder if none)
 
 
 @dataclass
@@ -335,9 +341,10 @@ def _weights(rule: LSTMGACRule, device: torch.device) -> _Weights:
             u[:, :H] = rule.momentum_weight.detach().float().t().cpu()
             u_bias[:M] = rule.momentum_bias.detach().float().cpu()
         betas = torch.tensor(cfg.momentum_decays or (0.0,), dtype=torch.float32)
+        inverse_timescales = 1 / torch.tensor(cfg.step_timescales or (1.0,), dtype=torch.float32)  # as the rule's
     output_bias = float(rule.output_bias.detach()[0]) if cfg.absolute_step else 0.0
     prepared = _Weights(versions, wx, wh, b, w_out.to(device), output_bias,
-                        u.to(device), u_bias.to(device), betas.to(device))
+                        u.to(device), u_bias.to(device), betas.to(device), inverse_timescales.to(device))
     _WEIGHTS[rule][device] = prepared
     return prepared
 
@@ -419,10 +426,11 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
             h, c, stride,
             x, means, segments.count,
             grad, m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2, float(cfg.preprocess_p),
-            extra_rows, extra_rows.stride(0),
+            phi.inverse_timescales, extra_rows, extra_rows.stride(0),
             phi.wx[layer], phi.wh[layer], phi.b[layer], partial,
             FIRST=layer == 0, H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction,
-            LOG_SIGN=cfg.input_features == "log-sign", E=E, BLOCK=block, PRECISION=precision,
+            LOG_SIGN=cfg.input_features == "log-sign", T=len(cfg.step_timescales), E=E, BLOCK=block,
+            PRECISION=precision,
         )
         if K:
             sums = torch.segment_reduce(partial, "sum", lengths=table.per_scope, axis=0, unsafe=True).t()

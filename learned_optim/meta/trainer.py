@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules import load_rule, rule_from_config, save_rule
+from ..rules.lstm_gac import LSTMGACRule, widened_inputs
 from ..rules.weights import _RULES
 from ..tasks import TaskFamily, TaskStack, get_family, random_scales, reparametrized
 from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, meta_loss
@@ -213,6 +214,9 @@ class MetaTrainer:
             self.rule = start  # the weights' own config: what "start from these weights" means
         elif start.name == self.rule.name:
             state, wanted = start.state_dict(), self.rule.state_dict()
+            if isinstance(start, LSTMGACRule) and isinstance(self.rule, LSTMGACRule) \
+                    and start.config.input_names() != self.rule.config.input_names():
+                state = widened_inputs(state, start.config, self.rule.config)  # new inputs start at zero
             if set(wanted) <= set(state):  # drop surplus weights: terms the given config turns off
                 state = {k: v for k, v in state.items() if k in wanted}  # (absolute_step=False: w and b)
             try:

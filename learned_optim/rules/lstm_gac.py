@@ -30,6 +30,12 @@ the d_j) instead of the log/sign features, so the whole rule, inputs and output,
 when the gradients are rescaled (per tensor or overall): the step's size is what the rule
 learned, in the parameters' units, like Adam's lr (``lr`` of the drop-in optimizer multiplies it).
 
+With ``step_timescales`` (τ_k) the LSTM also reads tanh(t/τ_k) of the step count t (kept by
+bias correction): bounded time features (VeLO and Celo feed the fraction of training done; a
+drop-in optimizer does not know the total, so these saturate instead), with which the rule can
+act differently late in training than early, and past its meta-training horizon sees the
+saturated values it was trained on rather than new ones.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere.
@@ -39,137 +45,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .lstm_cell import CellBuffers, LSTMGACCore
+from .lstm_gac_config import FRESH_MOMENTUM_STEP, RMS_EPSILON, STEP_CHUNK, LSTMGACConfig, default_chunk
 from .preprocess import log_sign_preprocess
 from .segments import Segments
 
-__all__ = ["LSTMGACConfig", "LSTMGACRule", "default_chunk"]
-
-GAC_SCOPES = ("tensor", "group")
-# The LSTM's per-coordinate inputs. "log-sign": the paper's (log|x|/p, sign x) of ∇ and of each
-# momentum sum: they carry the gradient's absolute scale, so a rule meta-trained on one scale
-# sees another one out of distribution. "normalized": ∇/(√v + ε) and the momentum directions
-# d_j = (1−β_j)·m_j/(√v + ε) (RNNprop's Adam-like inputs, Lv et al. 2017): bounded (|∇/√v| ≤
-# 1/√(1−β₂)) and unchanged when the gradients are multiplied by any c > 0 (up to ε).
-INPUT_FEATURES = ("log-sign", "normalized")
-RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
-FRESH_MOMENTUM_STEP = 0.01  # a fresh "normalized" rule's step on its β≈0.9 direction: Adam(lr=0.01)-like
-# Coordinates per chunk of the in-place step on the CPU: the gates of a chunk (80 × 16384
-# floats, 5 MB) and its layer inputs stay in cache. At 1e6 coordinates on the 2-core CI machine
-# (benchmarks/step_speed.py --sizes 1e6 --lstm-chunk N): 4096: 320 ms, 8192: 245 ms,
-# 16384: 251 ms, 32768: 277 ms, 65536: 361 ms.
-STEP_CHUNK = 16384
-# On GPUs larger chunks mean fewer kernel launches (not measured yet: no GPU lent so far).
-GPU_STEP_CHUNK = 2**20
-
-
-def default_chunk(device: torch.device) -> int:
-    """Coordinates per chunk of the in-place steps on ``device``."""
-    return STEP_CHUNK if device.type == "cpu" else GPU_STEP_CHUNK
-
-
-@dataclass(frozen=True)
-class LSTMGACConfig:
-    """Architecture and fixed pre/post-processing of the rule (saved with its weights)."""
-
-    hidden_size: int = 20
-    num_layers: int = 2
-    gac_cells: int = 2  # per layer: units whose output is averaged over the scope
-    gac_scope: str = "tensor"  # "tensor": one average per parameter tensor; "group": per param group
-    preprocess_p: float = 10.0  # p of the log/sign preprocessing
-    output_scale: float = 0.1  # the paper's MNIST value
-    extra_inputs: int = 0  # inputs besides the 2 preprocessed features (NTM-BFGS's read)
-    momentum_decays: tuple[float, ...] = ()  # β_j of the momentum sums (empty: the paper's rule)
-    momentum_rms_decay: float | None = None  # β₂: normalize the momentum directions by √v (None: raw sums)
-    input_features: str = "log-sign"  # the LSTM's inputs: "log-sign" (the paper's) or "normalized" (see INPUT_FEATURES)
-    bias_correction: bool = False  # Adam's: m and v divided by 1 − βᵗ (one more state row: the step count t)
-    absolute_step: bool = True  # the LSTM's own term s·(wᵀh + b), in the parameters' units (the paper's);
-    # False: only the learned step sizes on the normalized directions d_j, a step that shrinks as Adam's does
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
-        for beta in self.momentum_decays:
-            if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < 1:
-                raise ValueError(f"momentum_decays must lie in (0, 1), got {beta!r}")
-        beta2 = self.momentum_rms_decay
-        if beta2 is not None:
-            if not isinstance(beta2, (int, float)) or isinstance(beta2, bool) or not 0 < beta2 < 1:
-                raise ValueError(f"momentum_rms_decay must lie in (0, 1) or be None, got {beta2!r}")
-            if not self.momentum_decays:
-                raise ValueError("momentum_rms_decay needs momentum_decays (it normalizes the momentum sums)")
-            for beta in self.momentum_decays:
-                if beta * beta >= beta2:
-                    raise ValueError(f"momentum_rms_decay ({beta2}) must exceed the square of every momentum "
-                                     f"decay (β² = {beta * beta:.6g} for β = {beta}) to keep steps bounded")
-        for name in ("bias_correction", "absolute_step"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not self.absolute_step and (beta2 is None or not self.momentum_decays):
-            raise ValueError("absolute_step=False needs momentum_decays and momentum_rms_decay: without the "
-                             "LSTM's own term the step is the learned step sizes on the normalized directions")
-        if self.bias_correction and beta2 is None:
-            raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
-        if self.input_features not in INPUT_FEATURES:
-            raise ValueError(f"input_features must be one of {INPUT_FEATURES}, got {self.input_features!r}")
-        if self.input_features == "normalized" and beta2 is None:
-            raise ValueError("input_features 'normalized' needs momentum_rms_decay (the features are divided by √v)")
-        for name in ("hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("gac_cells", "extra_inputs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.gac_cells > self.hidden_size:
-            raise ValueError(f"gac_cells ({self.gac_cells}) exceeds hidden_size ({self.hidden_size})")
-        if self.gac_scope not in GAC_SCOPES:
-            raise ValueError(f"gac_scope must be one of {GAC_SCOPES}, got {self.gac_scope!r}")
-        for name in ("preprocess_p", "output_scale"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["momentum_decays"] = list(self.momentum_decays)
-        return out
-
-    @property
-    def input_size(self) -> int:
-        """Inputs of the LSTM per coordinate: the features of ∇ and the momentum sums, then the extra rows."""
-        per_signal = 2 if self.input_features == "log-sign" else 1
-        return per_signal * (1 + len(self.momentum_decays)) + self.extra_inputs
-
-    @property
-    def lstm_rows(self) -> int:
-        """Rows of the rule state holding LSTM h and c: 2·layers·hidden."""
-        return 2 * self.num_layers * self.hidden_size
-
-    @property
-    def rms_rows(self) -> int:
-        """Rows of the rule state for the normalization: v (if normalized), then the step count t
-        (if bias-corrected)."""
-        return int(self.momentum_rms_decay is not None) + int(self.bias_correction)
-
-    @property
-    def state_rows(self) -> int:
-        """Rows of the rule state per coordinate: LSTM h and c, one per momentum sum, then v if normalized."""
-        return self.lstm_rows + len(self.momentum_decays) + self.rms_rows
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LSTMGACConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LSTMGACConfig fields: {sorted(unknown)}")
-        return cls(**data)
+__all__ = ["LSTMGACConfig", "LSTMGACRule", "default_chunk", "widened_inputs"]
 
 
 class LSTMGACRule(nn.Module):
@@ -203,6 +90,7 @@ class LSTMGACRule(nn.Module):
                 nearest = min(range(num_momenta), key=lambda j: abs(cfg.momentum_decays[j] - 0.9))
                 self.momentum_bias[nearest] = -FRESH_MOMENTUM_STEP
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
+        self._inverse_timescales: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # 1/τ_k per dtype/device
         self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}  # step_'s buffers
 
     def _momentum_decays(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,9 +188,21 @@ class LSTMGACRule(nn.Module):
             features = log_sign_preprocess(signals, cfg.preprocess_p).flatten(0, 1)  # (2·(1+M), n)
         else:  # ∇/(√v̂ + ε) and the directions d_j, bounded and invariant to the gradients' scale
             features = torch.cat((g / self._rms(second_moment), self.directions(momentum, second_moment)))
+        if cfg.step_timescales:
+            features = torch.cat((features, self.time_features(second_moment)))
         if extra is not None:
             features = torch.cat((features, extra), dim=0)
         return features, momentum, second_moment
+
+    def time_features(self, second_moment: Tensor) -> Tensor:
+        """tanh(t/τ_k) (T, n) of the advanced step counts t (the last normalization row)."""
+        key = (second_moment.dtype, second_moment.device)
+        inverse = self._inverse_timescales.get(key)
+        if inverse is None:
+            inverse = 1 / torch.tensor(self.config.step_timescales, dtype=second_moment.dtype,
+                                       device=second_moment.device).unsqueeze(1)
+            self._inverse_timescales[key] = inverse
+        return torch.tanh(second_moment[-1:] * inverse)
 
     def output(self, top: Tensor, momentum: Tensor, second_moment: Tensor, out: Tensor | None = None) -> Tensor:
         """g_t (n,) from the top layer's output (H, n) and the advanced momentum sums and v:
@@ -482,6 +382,24 @@ class LSTMGACRule(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_scratch", {})  # a rule pickled before step_ existed
+        self.__dict__.setdefault("_inverse_timescales", {})
+
+
+def widened_inputs(weights: dict[str, Tensor], source: LSTMGACConfig, target: LSTMGACConfig) -> dict[str, Tensor]:
+    """``weights`` of a rule with config ``source`` for one with config ``target`` that reads more
+    LSTM inputs (time features, extra rows): the first layer's input rows matched by name, zero
+    for the new inputs, so the widened rule steps exactly as the source did until they are trained.
+    Every other field, and every other tensor, must agree (checked when the weights are loaded)."""
+    have, want = source.input_names(), target.input_names()
+    missing = [name for name in have if name not in want]
+    if missing:
+        raise ValueError(f"the target config does not read the inputs {missing} of the source weights")
+    first = weights["core.weights.0"]
+    rows = first.new_zeros(len(want) + target.hidden_size, first.shape[1])
+    for index, name in enumerate(have):
+        rows[want.index(name)] = first[index]
+    rows[len(want):] = first[len(have):]  # the recurrent rows (h)
+    return {**weights, "core.weights.0": rows}
 
 
 @dataclass

@@ -65,7 +65,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor, nn
 
-from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule
+from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule, widened_inputs
 from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
 from .preprocess import log_sign_preprocess
 from .segments import Segments
@@ -302,11 +302,7 @@ class NTMBFGSRule(nn.Module):
             raise ValueError(f"LSTM+GAC config {theirs.to_dict()} does not fit this controller {mine.to_dict()} "
                              "(all fields but extra_inputs must match)")
         state = {k: v.detach().clone() for k, v in lstm.state_dict().items()}
-        first = state["core.weights.0"]
-        inputs = first.shape[0] - mine.hidden_size
-        state["core.weights.0"] = torch.cat((first[:inputs], first.new_zeros(mine.extra_inputs, first.shape[1]),
-                                             first[inputs:]))
-        self.controller.load_state_dict(state)
+        self.controller.load_state_dict(widened_inputs(state, theirs, mine))
 
     # ------------------------------------------------------------------ layout and state
 
