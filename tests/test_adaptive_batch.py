@@ -251,7 +251,7 @@ def test_sampler_drives_a_dataloader_and_the_optimizer_follows():
     sampler = AdaptiveBatchSampler(data, opt, min_batch_size=4, max_batch_size=40,
                                    generator=torch.Generator().manual_seed(0))
     loader = DataLoader(data, batch_sampler=sampler)
-    for epoch in range(3):
+    for _epoch in range(3):
         seen = []
         for idx, xb, yb in loader:
             assert len(idx) == opt.batch_size  # the optimizer knows the B of every batch

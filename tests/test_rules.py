@@ -553,3 +553,18 @@ def test_widened_inputs_step_exactly_as_the_source_until_trained():
     assert not torch.equal(widened(grad, b, segments)[0], source(grad, a, segments)[0])
     with pytest.raises(ValueError, match=r"does not read the inputs \['tanh\(t/5\)'"):
         widened_inputs(widened.state_dict(), target_config, LSTMGACConfig(**base))
+
+
+def test_the_rule_is_differentiable_through_a_coordinate_whose_gradient_is_zero():
+    """The second-order meta-gradient differentiates the step through ∇ (which depends on θ):
+    at a coordinate whose gradient is 0 (v = 0, a dead unit) √v's derivative is infinite, and
+    without a floor under v that is inf·0 = NaN in every φ's gradient."""
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=6, bias_correction=True, **NORMALIZED), seed=3)
+    grad = torch.randn(5)
+    grad[2] = 0.0
+    grad.requires_grad_(True)
+    update, _ = rule(grad, rule.init_state(5), Segments.from_sizes([5]))
+    assert update[2] == 0.0
+    update.square().sum().backward()
+    assert grad.grad is not None and bool(torch.isfinite(grad.grad).all())
+    assert all(bool(torch.isfinite(p.grad).all()) for p in rule.parameters() if p.grad is not None)

@@ -24,6 +24,7 @@ def _outputs(rule):
 def saved(tmp_path):
     rule = LSTMGACRule(LSTMGACConfig(hidden_size=12, gac_cells=3, gac_scope="group"), seed=4)
     path = save_rule(rule, tmp_path / "mine", {"evaluation": {"median_final_loss": 0.5}})
+    assert path.exists()
     return rule, tmp_path / "mine"
 
 

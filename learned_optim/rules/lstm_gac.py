@@ -58,6 +58,11 @@ from .segments import Segments
 
 __all__ = ["LSTMGACConfig", "LSTMGACRule", "default_chunk", "widened_inputs"]
 
+# v is floored here before √ (a value 1e-15 below ε): √'s derivative at v = 0 is infinite, and a
+# coordinate whose gradient is always 0 (a dead unit) makes the second-order meta-gradient
+# inf·0 = NaN without it; the floor's own derivative there is 0.
+SQRT_FLOOR = 1e-30
+
 
 class LSTMGACRule(nn.Module):
     """The learned update rule g(∇, state; φ): preprocess → LSTM+GAC → linear × scale."""
@@ -224,7 +229,7 @@ class LSTMGACRule(nn.Module):
         v = second_moment[:1]
         if cfg.bias_correction:
             v = v / (1 - torch.pow(cast(float, cfg.momentum_rms_decay), second_moment[1:2]))
-        return v.sqrt() + RMS_EPSILON
+        return v.clamp_min(SQRT_FLOOR).sqrt() + RMS_EPSILON  # the floor: a finite derivative at v = 0
 
     def directions(self, momentum: Tensor, second_moment: Tensor) -> Tensor:
         """The normalized momentum directions d_j = m̂_j/(√v̂ + ε) (M, n), Adam's step direction:
