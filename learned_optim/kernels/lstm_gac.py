@@ -104,7 +104,7 @@ def _rms(v, t, beta2, BIAS_CORRECTION: tl.constexpr):
     """√v̂ + ε: v̂ = v, or v/(1 − β₂ᵗ) with bias correction."""
     if BIAS_CORRECTION:
         v = v / (1.0 - tl.exp2(t * tl.log2(beta2)))
-    return tl.sqrt(v) + 1e-8
+    return tl.sqrt(tl.maximum(v, 1e-30)) + 1e-8  # the rule's floor under v (SQRT_FLOOR) and ε
 
 
 @triton.jit
