@@ -559,5 +559,19 @@ def plot_suite(results: Sequence[SuiteResult], path: str | os.PathLike, columns:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows: float rounding
+    can differ between CPUs, and long chaotic runs turn that into other final losses."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def environment() -> str:
-    return f"torch {torch.__version__}, Python {platform.python_version()}, {sys.platform}"
+    """The software and the machine a report's numbers came from."""
+    return f"torch {torch.__version__}, Python {platform.python_version()}, {sys.platform}, {cpu_model()}"

@@ -163,3 +163,11 @@ def test_a_bf16_suffix_runs_a_learned_optimizer_with_bfloat16_state():
         suite.learned_spec("lstm-gac@fp8")
     ntm = suite.learned_spec("ntm-bfgs@bf16").factory([torch.zeros(3, requires_grad=True)], 1.0, None)
     assert ntm.state_dtype == torch.bfloat16
+
+
+def test_reports_name_the_cpu_their_numbers_came_from():
+    """Float rounding differs between CPUs and long runs amplify it, so a report's environment
+    line names the CPU model (from /proc/cpuinfo on Linux)."""
+    model = suite.cpu_model()
+    assert model and "\n" not in model
+    assert suite.environment().endswith(", " + model)
