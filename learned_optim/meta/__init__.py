@@ -5,7 +5,8 @@ learned_optimization):
   shared with the benchmark harness;
 * unrolling: :class:`Unroll` runs a rule on a task stack, carrying θ and the rule state;
 * meta-gradient estimators: :class:`TruncatedBPTT` over an unroll whose optimizee gradient
-  enters first-order, second-order or GD-by-SGD (see :data:`GRADIENT_MODES`);
+  enters first-order, second-order or GD-by-SGD (see :data:`GRADIENT_MODES`), and
+  :class:`PersistentES` (antithetic PES: forward unrolls only, no truncation bias);
 * the outer trainer: :class:`MetaTrainer` (Adam on φ, clipping, validation and early
   stopping, checkpoints, logs).
 
@@ -14,7 +15,7 @@ Learned initializations (the MAML family) have their own estimators of ∂L_test
 :class:`GDBySGD` and :class:`Implicit` (iMAML), driven by :class:`MAML`.
 """
 
-from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, TruncationResult, meta_loss
+from .estimators import ESTIMATORS, LOSS_TRANSFORMS, PersistentES, TruncatedBPTT, TruncationResult, meta_loss
 from .initialization import (
     INIT_ESTIMATORS,
     MAML,
@@ -64,6 +65,8 @@ __all__ = [
     "MetaTrainer",
     "TRAIN_SEED_BASE",
     "TruncatedBPTT",
+    "PersistentES",
+    "ESTIMATORS",
     "TruncationResult",
     "Unroll",
     "UnrollState",

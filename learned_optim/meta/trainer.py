@@ -44,7 +44,7 @@ from ..rules import load_rule, rule_from_config, save_rule
 from ..rules.lstm_gac import LSTMGACRule, widened_inputs
 from ..rules.weights import _RULES
 from ..tasks import TaskFamily, TaskStack, get_family, random_scales, reparametrized
-from .estimators import LOSS_TRANSFORMS, TruncatedBPTT, meta_loss
+from .estimators import ESTIMATORS, LOSS_TRANSFORMS, PersistentES, TruncatedBPTT, meta_loss
 from .unroll import GRADIENT_MODES, PRECISIONS, Unroll, check_precision, float32_matmul_precision
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "validate", "resolve_device",
@@ -89,6 +89,9 @@ class MetaTrainConfig:
     meta_lr_schedule: str = "constant"  # or "cosine": decays to 5% of meta_lr at the last episode
     clip_grad_norm: float = 1.0
     gradient: str = "first-order"
+    estimator: str = "truncated-bptt"  # or "pes": persistent evolution strategies (no backward, no truncation bias)
+    pes_sigma: float = 0.01  # σ of PES's perturbations of φ
+    pes_pairs: int = 4  # antithetic pairs of PES (each unrolls the episode's tasks twice)
     loss_transform: str = "mean"
     select_by: str = "meta_loss"  # validation score that picks the kept φ: "meta_loss" or "median_final_loss"
     validate_every: int = 25  # episodes
@@ -127,6 +130,12 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be a finite positive number, got {value!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be positive, got {self.time_limit!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not isinstance(self.pes_sigma, (int, float)) or not math.isfinite(self.pes_sigma) or self.pes_sigma <= 0:
+            raise ValueError(f"pes_sigma must be a finite positive number, got {self.pes_sigma!r}")
+        if not isinstance(self.pes_pairs, int) or isinstance(self.pes_pairs, bool) or self.pes_pairs < 1:
+            raise ValueError(f"pes_pairs must be a positive integer, got {self.pes_pairs!r}")
         if self.gradient not in GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {self.gradient!r}")
         if self.meta_lr_schedule not in SCHEDULES:
@@ -145,7 +154,7 @@ class MetaTrainConfig:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
         keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "horizon_min",
                 "validation_horizon", "reparametrize", "truncation", "tasks_per_step",
-                "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "loss_transform", "select_by", "validate_every",
+                "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "estimator", "pes_sigma", "pes_pairs", "loss_transform", "select_by", "validate_every",
                 "validation_tasks", "validation_task_kwargs", "explode_ratio", "seed", "precision")
         return {k: getattr(self, k) for k in keep}
 
@@ -198,7 +207,9 @@ class MetaTrainer:
         self.rule = self.rule.to(self.device)
         self.best_rule = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         self.optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
-        self.estimator = TruncatedBPTT(config.loss_transform)
+        self.estimator: TruncatedBPTT | PersistentES = (
+            TruncatedBPTT(config.loss_transform) if config.estimator == "truncated-bptt"
+            else PersistentES(config.loss_transform, config.pes_sigma, config.pes_pairs, seed=config.seed + self.rank))
         self.episode = 0
         self.best: dict[str, Any] = {"meta_loss": math.inf, "median_final_loss": math.inf, "episode": -1}
         self.elapsed = 0.0
@@ -262,7 +273,8 @@ class MetaTrainer:
         payload = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(payload["config"])
         for key, default in (("precision", "float32"), ("horizon_min", None), ("validation_horizon", None),
-                             ("reparametrize", 1.0), ("validation_task_kwargs", None)):
+                             ("reparametrize", 1.0), ("validation_task_kwargs", None),
+                             ("estimator", "truncated-bptt"), ("pes_sigma", 0.01), ("pes_pairs", 4)):
             saved.setdefault(key, default)  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
