@@ -71,11 +71,12 @@ def main(argv: list[str]) -> int:
     print("\n".join(lines))
     if args.out is not None:
         rule.load_state_dict({k: v * best_factor if k in STEP_TENSORS else v for k, v in original.items()})
-        meta = {k: v for k, v in metadata.items() if k not in ("format", "name", "rule", "config",
-                                                                  "tensors_sha256", "torch_version", "date")}
-        meta["step_scale"] = {"from": str(args.weights), "factor": best_factor, "command": command,
-                              "validation": [{"factor": k, **s} for k, s in results]}
-        meta.pop("evaluation", None)  # the source weights' scores are not these weights'
+        # The source's provenance moves under step_scale: its commands made the source, not these weights,
+        # and its scores are not these weights' scores.
+        own = ("format", "name", "rule", "config", "tensors_sha256", "torch_version", "date")
+        source = {k: v for k, v in metadata.items() if k not in own}
+        meta = {"step_scale": {"from": str(args.weights), "factor": best_factor, "command": command,
+                               "validation": [{"factor": k, **s} for k, s in results], "source": source}}
         path = save_rule(rule, args.out, meta)
         print(f"\nwrote {path} (κ = {best_factor:g})")
     return 0

@@ -12,6 +12,7 @@ instead, which weighs every task's progress by its relative, not absolute, size.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -125,8 +126,6 @@ class PersistentES:
 def _copy_state(state: UnrollState) -> UnrollState:
     """An independent copy of an unroll state: θ and the rule state cloned, the data stream copied
     (so every particle draws the same minibatches: common random numbers)."""
-    import copy
-
     return UnrollState([p.detach().clone() for p in state.params], copy.deepcopy(state.rule_state),
                        state.grad.detach().clone(), state.losses.clone(), copy.deepcopy(state.stream),
                        state.initial_losses.clone())
