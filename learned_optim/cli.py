@@ -205,7 +205,7 @@ def _meta_trainer(args: argparse.Namespace):
         validation_horizon=args.validation_horizon, reparametrize=args.reparametrize, truncation=args.truncation,
         tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
         meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
-        estimator=args.estimator, pes_sigma=args.pes_sigma, pes_pairs=args.pes_pairs,
+        estimator=args.estimator, pes_sigma=args.pes_sigma, pes_pairs=args.pes_pairs, trainable=args.trainable,
         loss_transform=args.loss_transform, select_by=args.select_by, validate_every=args.validate_every,
         validation_tasks=args.validation_tasks, checkpoint_every=args.checkpoint_every,
         validation_task_kwargs=_json_argument(args.validation_task_kwargs, "--validation-task-kwargs") or None,
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "evolution strategies (pes: no backward pass, no truncation bias; --gradient then unused)")
     p_meta.add_argument("--pes-sigma", type=float, default=0.01, help="PES: σ of the perturbations of φ")
     p_meta.add_argument("--pes-pairs", type=int, default=4, help="PES: antithetic pairs of particles")
+    p_meta.add_argument("--trainable", nargs="+", default=None, metavar="NAME[a:b]",
+                        help="train only these tensors of φ, whole or by rows, e.g. momentum_bias "
+                             "'core.weights.0[4:7]' (the rest stays as it started; default: all)")
     p_meta.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                         help="float32; tf32: TF32 matrix products (CUDA); bf16: the tasks' losses under bfloat16 "
                              "autocast (validation stays float32)")

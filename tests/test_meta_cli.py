@@ -72,3 +72,19 @@ def test_export_writes_a_checkpoints_best_weights_loadable_by_the_optimizer(tmp_
     with pytest.raises(SystemExit):
         main(["export", "--workdir", str(tmp_path / "nowhere"), "--out", str(exported)])
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_meta_train_trains_only_the_named_part_and_records_it(tmp_path):
+    """--trainable reaches the run's settings and the weights' metadata; the rest of φ stays as
+    the warm start had it (here a fresh rule's seed-0 φ: --init-weights is not needed)."""
+    from learned_optim.rules import LSTMGACConfig, LSTMGACRule, load_rule
+
+    out = tmp_path / "part"
+    assert main([*ARGS, "--episodes", "1", "--out", str(out), "--trainable", "core.weights.0[0:2]"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["meta_training"]["trainable"] == ["core.weights.0[0:2]"]
+    trained, _ = load_rule(str(out))
+    fresh = LSTMGACRule(LSTMGACConfig(hidden_size=6), seed=0)
+    for (name, a), b in zip(trained.named_parameters(), fresh.parameters()):
+        rows = a[2:] if name == "core.weights.0" else a
+        assert torch.equal(rows, b[2:] if name == "core.weights.0" else b), name

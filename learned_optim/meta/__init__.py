@@ -6,7 +6,8 @@ learned_optimization):
 * unrolling: :class:`Unroll` runs a rule on a task stack, carrying θ and the rule state;
 * meta-gradient estimators: :class:`TruncatedBPTT` over an unroll whose optimizee gradient
   enters first-order, second-order or GD-by-SGD (see :data:`GRADIENT_MODES`), and
-  :class:`PersistentES` (antithetic PES: forward unrolls only, no truncation bias);
+  :class:`PersistentES` (antithetic PES: forward unrolls only, no truncation bias), over all
+  of φ or the part :func:`trainable_masks` names;
 * the outer trainer: :class:`MetaTrainer` (Adam on φ, clipping, validation and early
   stopping, checkpoints, logs).
 
@@ -33,6 +34,7 @@ from .initialization import (
     get_estimator,
 )
 from .memory import peak_memory
+from .trainable import trainable_masks
 from .trainer import (
     TRAIN_SEED_BASE,
     VALIDATION_SEED_BASE,
@@ -75,5 +77,6 @@ __all__ = [
     "peak_memory",
     "resolve_device",
     "stack_segments",
+    "trainable_masks",
     "validate",
 ]

@@ -73,10 +73,13 @@ class PersistentES:
     is an unbiased estimate of the gradient of the Gaussian-smoothed loss of the whole unroll so
     far (truncated BPTT's estimate sees only the truncation, which biases it when a step's effect
     outlasts it, e.g. through momentum sums). A new episode is recognized by a ``state`` that is
-    not the one this estimator returned last.
+    not the one this estimator returned last. With ``masks`` (one per rule parameter, None: all
+    of it; see :func:`~learned_optim.meta.trainable.trainable_masks`) ε is drawn only where the
+    mask is 1, so the estimate lives in the trained subspace and its variance with it.
     """
 
-    def __init__(self, loss_transform: str = "mean", sigma: float = 0.01, pairs: int = 4, seed: int = 0) -> None:
+    def __init__(self, loss_transform: str = "mean", sigma: float = 0.01, pairs: int = 4, seed: int = 0,
+                 masks: list[Tensor | None] | None = None) -> None:
         if loss_transform not in LOSS_TRANSFORMS:
             raise ValueError(f"loss_transform must be one of {LOSS_TRANSFORMS}, got {loss_transform!r}")
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
@@ -84,6 +87,7 @@ class PersistentES:
         if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
             raise ValueError(f"PES pairs must be a positive integer, got {pairs!r}")
         self.loss_transform, self.sigma, self.pairs = loss_transform, float(sigma), pairs
+        self.masks = masks
         self.generator = torch.Generator().manual_seed(seed)
         self._particles: list[UnrollState] = []  # 2·pairs: (+, −) of pair 0, then pair 1, …
         self._sums: list[list[Tensor]] = []  # ξ_i per pair, one tensor per rule parameter
@@ -95,6 +99,9 @@ class PersistentES:
         if state is not self._returned:  # a new episode: every particle starts where ``state`` is
             self._particles = [_copy_state(state) for _ in range(2 * self.pairs)]
             self._sums = [[torch.zeros_like(p) for p in params] for _ in range(self.pairs)]
+        masks = self.masks if self.masks is not None else [None] * len(params)
+        if len(masks) != len(params):
+            raise ValueError(f"PES has {len(masks)} masks for a rule of {len(params)} parameters")
         phi = [p.detach().clone() for p in params]
         grads = [torch.zeros_like(p) for p in params]
         losses_seen, finals = [], []
@@ -102,6 +109,7 @@ class PersistentES:
             for i in range(self.pairs):
                 noise = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device) * self.sigma
                          for p in params]
+                noise = [e if m is None else e * m for e, m in zip(noise, masks)]
                 pair_losses = []
                 for sign, index in ((1.0, 2 * i), (-1.0, 2 * i + 1)):
                     for p, base, e in zip(params, phi, noise):

@@ -45,6 +45,7 @@ from ..rules.lstm_gac import LSTMGACRule, widened_inputs
 from ..rules.weights import _RULES
 from ..tasks import TaskFamily, TaskStack, get_family, random_scales, reparametrized
 from .estimators import ESTIMATORS, LOSS_TRANSFORMS, PersistentES, TruncatedBPTT, meta_loss
+from .trainable import trainable_masks
 from .unroll import GRADIENT_MODES, PRECISIONS, Unroll, check_precision, float32_matmul_precision
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "validate", "resolve_device",
@@ -92,6 +93,8 @@ class MetaTrainConfig:
     estimator: str = "truncated-bptt"  # or "pes": persistent evolution strategies (no backward, no truncation bias)
     pes_sigma: float = 0.01  # σ of PES's perturbations of φ
     pes_pairs: int = 4  # antithetic pairs of PES (each unrolls the episode's tasks twice)
+    trainable: list[str] | None = None  # the part of φ trained: tensor names, whole or as NAME[a:b] rows
+    # (see meta.trainable); the rest stays as it started. None: all of φ
     loss_transform: str = "mean"
     select_by: str = "meta_loss"  # validation score that picks the kept φ: "meta_loss" or "median_final_loss"
     validate_every: int = 25  # episodes
@@ -136,6 +139,11 @@ class MetaTrainConfig:
             raise ValueError(f"pes_sigma must be a finite positive number, got {self.pes_sigma!r}")
         if not isinstance(self.pes_pairs, int) or isinstance(self.pes_pairs, bool) or self.pes_pairs < 1:
             raise ValueError(f"pes_pairs must be a positive integer, got {self.pes_pairs!r}")
+        if self.trainable is not None and (not isinstance(self.trainable, (list, tuple)) or not self.trainable
+                                           or not all(isinstance(s, str) for s in self.trainable)):
+            raise ValueError(f"trainable must be None or a non-empty list of tensor names, got {self.trainable!r}")
+        if self.trainable is not None:
+            self.trainable = list(self.trainable)
         if self.gradient not in GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {self.gradient!r}")
         if self.meta_lr_schedule not in SCHEDULES:
@@ -154,7 +162,7 @@ class MetaTrainConfig:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
         keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "horizon_min",
                 "validation_horizon", "reparametrize", "truncation", "tasks_per_step",
-                "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "estimator", "pes_sigma", "pes_pairs", "loss_transform", "select_by", "validate_every",
+                "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "estimator", "pes_sigma", "pes_pairs", "trainable", "loss_transform", "select_by", "validate_every",
                 "validation_tasks", "validation_task_kwargs", "explode_ratio", "seed", "precision")
         return {k: getattr(self, k) for k in keep}
 
@@ -205,11 +213,13 @@ class MetaTrainer:
         if config.init_weights is not None:
             self._warm_start(config.init_weights)
         self.rule = self.rule.to(self.device)
+        self.masks = trainable_masks(self.rule, config.trainable)  # checked here, before any training
         self.best_rule = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         self.optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         self.estimator: TruncatedBPTT | PersistentES = (
             TruncatedBPTT(config.loss_transform) if config.estimator == "truncated-bptt"
-            else PersistentES(config.loss_transform, config.pes_sigma, config.pes_pairs, seed=config.seed + self.rank))
+            else PersistentES(config.loss_transform, config.pes_sigma, config.pes_pairs, seed=config.seed + self.rank,
+                              masks=self.masks))
         self.episode = 0
         self.best: dict[str, Any] = {"meta_loss": math.inf, "median_final_loss": math.inf, "episode": -1}
         self.elapsed = 0.0
@@ -274,7 +284,8 @@ class MetaTrainer:
         saved = json.loads(payload["config"])
         for key, default in (("precision", "float32"), ("horizon_min", None), ("validation_horizon", None),
                              ("reparametrize", 1.0), ("validation_task_kwargs", None),
-                             ("estimator", "truncated-bptt"), ("pes_sigma", 0.01), ("pes_pairs", 4)):
+                             ("estimator", "truncated-bptt"), ("pes_sigma", 0.01), ("pes_pairs", 4),
+                             ("trainable", None)):
             saved.setdefault(key, default)  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
@@ -361,8 +372,8 @@ class MetaTrainer:
             with float32_matmul_precision(cfg.precision):  # the meta-gradient's backward pass too
                 result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
             params = list(self.rule.parameters())
-            for p, g in zip(params, result.grads):
-                p.grad = g if g is not None else torch.zeros_like(p)
+            for p, g, mask in zip(params, result.grads, self.masks):
+                p.grad = torch.zeros_like(p) if g is None else g if mask is None else g * mask  # frozen: Adam moves 0
             initial = float(state.initial_losses.mean())
             if self.world > 1:  # average gradients and losses over the ranks' shares of the tasks
                 result.meta_loss, result.final_loss, initial = _average_across_ranks(

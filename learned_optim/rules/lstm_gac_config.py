@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 __all__ = ["LSTMGACConfig", "default_chunk", "GAC_SCOPES", "INPUT_FEATURES", "RMS_EPSILON",
-           "FRESH_MOMENTUM_STEP", "STEP_CHUNK", "GPU_STEP_CHUNK"]
+           "FRESH_MOMENTUM_STEP", "STEP_CHUNK", "GPU_STEP_CHUNK", "reject_unknown_fields"]
 
 GAC_SCOPES = ("tensor", "group")
 # The LSTM's per-coordinate inputs. "log-sign": the paper's (log|x|/p, sign x) of ∇ and of each
@@ -28,6 +28,14 @@ FRESH_MOMENTUM_STEP = 0.01  # a fresh "normalized" rule's step on its β≈0.9 d
 STEP_CHUNK = 16384
 # On GPUs larger chunks mean fewer kernel launches (not measured yet: no GPU lent so far).
 GPU_STEP_CHUNK = 2**20
+
+
+def reject_unknown_fields(cls: type, data: dict[str, Any]) -> None:
+    """Refuse, by name, keys of ``data`` that are not fields of the config dataclass ``cls``
+    (a saved config from a newer version, or a typo in --rule-config)."""
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
 
 
 def default_chunk(device: torch.device) -> int:
@@ -144,8 +152,5 @@ class LSTMGACConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSTMGACConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LSTMGACConfig fields: {sorted(unknown)}")
+        reject_unknown_fields(cls, data)
         return cls(**data)

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule, widened_inputs
+from .lstm_gac_config import reject_unknown_fields
 from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
 from .preprocess import log_sign_preprocess
 from .segments import Segments
@@ -127,10 +128,7 @@ class NTMBFGSConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NTMBFGSConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown NTMBFGSConfig fields: {sorted(unknown)}")
+        reject_unknown_fields(cls, data)
         data = dict(data)
         if "controller" in data:
             controller = dict(data["controller"])
