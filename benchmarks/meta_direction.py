@@ -6,7 +6,8 @@
 
 Scores, with the meta-trainer's own validation (the held-out suite-mix tasks of the validation
 seeds, no graph, mean log loss), the start φ₀, the end φ₁, RANDOM changes φ₀ + δ with δ drawn
-at random per tensor and scaled to the norm of that tensor's φ₁ − φ₀, and (``--per-tensor``)
+at random per tensor, on the entries the run changed (a run of ``--trainable`` rows changes only
+those), and scaled to the norm of that tensor's φ₁ − φ₀, and (``--per-tensor``)
 φ₀ plus one tensor's change alone. If φ₁ scores worse than φ₀ while random changes of the same
 size do not, the meta-gradient steered φ somewhere worse: the estimator is biased for this
 objective, not merely noisy. Prints a markdown table.
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
         return f"| {label} | {size:.4g} | {s['meta_loss']:.4g} | {s['median_final_loss']:.4g} |"
 
     def random_like(d: torch.Tensor) -> torch.Tensor:
-        z = torch.randn(d.shape, generator=gen, dtype=d.dtype)
+        z = torch.randn(d.shape, generator=gen, dtype=d.dtype) * (d != 0)  # where the run moved φ
         return z * (d.norm() / z.norm().clamp_min(1e-30))
 
     t0 = time.perf_counter()
