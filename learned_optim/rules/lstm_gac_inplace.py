@@ -1,0 +1,222 @@
+"""The LSTM+GAC rule's in-place step for the drop-in optimizers: the same math as the
+differentiable :meth:`LSTMGACRule.step <learned_optim.rules.lstm_gac.LSTMGACRule.step>`
+(:meth:`signals`, :meth:`LSTMGACCore.layer`, :meth:`output`), run under ``no_grad`` over
+chunks of coordinates that stay in cache, layer by layer (the global averaging cells need
+every chunk's layer output before the next layer runs), on preallocated buffers, optionally
+through lower-precision state or the Triton kernels.
+
+A mixin of :class:`~learned_optim.rules.lstm_gac.LSTMGACRule`: it holds no math of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch import Tensor
+
+from .lstm_cell import CellBuffers
+from .lstm_gac_config import STEP_CHUNK
+from .segments import Segments
+
+if TYPE_CHECKING:
+    from .lstm_cell import LSTMGACCore
+    from .lstm_gac import LSTMGACRule
+    from .lstm_gac_config import LSTMGACConfig
+
+__all__ = ["InPlaceStep"]
+
+
+class InPlaceStep:
+    """``step_``: the rule's step in place, for :class:`~learned_optim.LSTMOptimizer` and
+    NTM-BFGS's controller (the host class provides the config, core and the shared math)."""
+
+    if TYPE_CHECKING:  # provided by LSTMGACRule
+        config: LSTMGACConfig
+        core: LSTMGACCore
+        _scratch: dict[tuple[torch.dtype, torch.device], _Scratch]
+
+        @property
+        def dtype(self) -> torch.dtype: ...
+        def _check_extra(self, extra: Tensor | None) -> None: ...
+        def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+        def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
+                    in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]: ...
+        def output(self, top: Tensor, momentum: Tensor, second_moment: Tensor,
+                   out: Tensor | None = None) -> Tensor: ...
+
+    @torch.no_grad()
+    def step_(self, grad: Tensor, state: Tensor, segments: Segments, out: Tensor,
+              extra: Tensor | None = None, chunk: int = STEP_CHUNK, sigmoid_tanh: bool = True,
+              fused: bool = False, count: Tensor | None = None) -> Tensor:
+        """:meth:`step` in place, for the drop-in optimizers (not differentiable): advances
+        ``state`` (R, N), writes g_t into ``out`` (N,) and returns the top layer's output (H, N)
+        (a view of the state).
+
+        Coordinates go through in chunks of ``chunk`` whose working set (gates, layer inputs)
+        stays in cache, with preallocated buffers: nothing of size N is allocated. Layer by
+        layer, because the global averaging cells need every chunk's layer-l output before
+        layer l + 1 runs. The math is :meth:`signals`, :meth:`LSTMGACCore.layer` and
+        :meth:`output`, shared with the differentiable path; ``sigmoid_tanh`` (default here,
+        not there) computes tanh from sigmoid, see :func:`lstm_cell`.
+
+        ``state`` may be stored in a lower precision (bfloat16): each chunk is then staged
+        through float32 buffers, all math runs in float32 and the results are rounded once
+        when stored. ``count`` (N,) float32, with bias correction, holds the step counts t
+        outside the state (which then lacks its last row): a bfloat16 row cannot count past
+        256 (t + 1 rounds back to t there).
+
+        ``fused`` runs the same step through the Triton kernels of
+        :mod:`learned_optim.kernels.lstm_gac` instead (CUDA, or CPU tensors in Triton's
+        interpreter; ``chunk`` and ``sigmoid_tanh`` then do not apply: the kernels' blocks are
+        their own and their tanh is always 2σ(2x) − 1).
+        """
+        cfg, core = self.config, self.core
+        self._check_extra(extra)
+        lstm, momentum, second_moment, v_row, t_row = self._state_views(state, count)
+        num = state.shape[1]
+        for name, t, shape in (("grad", grad, (num,)), ("out", out, (num,))):
+            if tuple(t.shape) != shape or t.dtype != self.dtype or t.device != state.device:
+                raise ValueError(f"{name} must be a {self.dtype} tensor of shape {shape} on {state.device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if segments.size != num:
+            raise ValueError(f"segments cover {segments.size} coordinates, the state {num}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        if num == 0:
+            return lstm[-1, 0]
+        if fused:
+            from ..kernels.lstm_gac import fused_step_
+
+            return fused_step_(cast("LSTMGACRule", self), grad, lstm, momentum, v_row, t_row, segments, out, extra)
+        k = cfg.gac_cells
+        plan = segments.chunks(chunk)
+        scratch = self._scratch_for(grad, min(chunk, num))  # float32, whatever the state's dtype
+        staged = second_moment is None or state.dtype != self.dtype  # chunks copied through float32 buffers
+        stage = _Stage(scratch, staged)
+        for layer in range(cfg.num_layers):
+            weights = core.gate_weights(layer, sigmoid_tanh)
+            h_all, c_all = lstm[layer]
+            sums = state.new_zeros(k, segments.count, dtype=self.dtype)
+            for start, stop, scope in plan:
+                width = stop - start
+                if layer == 0:
+                    m, sm = self._signal_rows(stage, momentum, second_moment, v_row, t_row, start, stop)
+                    x, _, _ = self.signals(grad[start:stop], m, sm, None if extra is None else extra[:, start:stop],
+                                           in_place=True)
+                    stage.store(momentum[:, start:stop], m)
+                    if staged and cfg.rms_rows:
+                        for row, target in zip(sm, (v_row, t_row)):
+                            cast(Tensor, target)[start:stop].copy_(row)
+                else:
+                    x = stage.load("x", lstm[layer - 1, 0, :, start:stop])
+                h = stage.load("h", h_all[:, start:stop])
+                c = stage.load("c", c_all[:, start:stop])
+                buffers = CellBuffers(scratch.view("inputs", layer, width), scratch.view("gates", 0, width),
+                                      scratch.view("tanh", 0, width), h, c)
+                core.layer(weights, x, h, c, buffers, sigmoid_tanh)
+                stage.store(h_all[:, start:stop], h)
+                stage.store(c_all[:, start:stop], c)
+                if k:
+                    segments.add_sums(sums, h[:k], start, scope)
+            if k:
+                segments.fill_means(h_all[:k], sums, chunk)
+        top = lstm[-1, 0]
+        for start, stop, _ in plan:
+            m, sm = self._signal_rows(stage, momentum, second_moment, v_row, t_row, start, stop)
+            self.output(stage.load("h", top[:, start:stop]), m, sm, out=out[start:stop])
+        return top
+
+    def _state_views(self, state: Tensor, count: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """The in-place step's views of a state: LSTM h and c (L, 2, H, N), the momentum sums
+        (M, N), the normalization rows (rms_rows, N) when they lie in the state (None when the
+        step count is held apart in ``count``), and v and t as (N,) rows (None where absent)."""
+        cfg = self.config
+        if not state.is_floating_point():
+            raise ValueError(f"rule state must be floating point, got {state.dtype}")
+        if count is None:
+            if cfg.bias_correction and state.dtype != self.dtype:
+                raise ValueError(f"a bias-corrected rule state in {state.dtype} needs its step counts apart, in "
+                                 f"count= ({self.dtype}): a {state.dtype} row cannot count steps exactly")
+            lstm, momentum, second_moment = self.split_state(state)
+            rows = second_moment.unbind(0)
+            return lstm, momentum, second_moment, rows[0] if rows else None, rows[1] if len(rows) > 1 else None
+        if not cfg.bias_correction:
+            raise ValueError("count holds the step counts of bias correction, which this rule does not use")
+        if state.dim() != 2 or state.shape[0] != cfg.state_rows - 1:
+            raise ValueError(f"rule state held without its step count row must have shape "
+                             f"({cfg.state_rows - 1}, N), got {tuple(state.shape)}")
+        if count.shape != (state.shape[1],) or count.dtype != self.dtype or count.device != state.device:
+            raise ValueError(f"count must be a {self.dtype} tensor of shape ({state.shape[1]},) on {state.device}, "
+                             f"got {count.dtype} {tuple(count.shape)} on {count.device}")
+        lstm, momentum, v = state.split((cfg.lstm_rows, len(cfg.momentum_decays), 1))
+        return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum, None, v[0], count
+
+    def _signal_rows(self, stage: _Stage, momentum: Tensor, second_moment: Tensor | None, v_row: Tensor | None,
+                     t_row: Tensor | None, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """A chunk's momentum sums (M, n) and normalization rows (rms_rows, n) in float32: views
+        of the state, or staged copies (lower-precision state, or t held apart)."""
+        m = stage.load("m", momentum[:, start:stop])
+        if not stage.staged:
+            return m, cast(Tensor, second_moment)[:, start:stop]
+        rows = [r[start:stop] for r in (v_row, t_row) if r is not None]
+        sm = stage.scratch.rows_view("sm", len(rows), stop - start)
+        for target, row in zip(sm, rows):
+            target.copy_(row)
+        return m, sm
+
+
+    def _scratch_for(self, like: Tensor, width: int) -> _Scratch:
+        """Buffers for chunks of up to ``width`` coordinates in ``like``'s dtype and device, kept
+        between steps (allocating them anew costs page faults on every step)."""
+        key = (like.dtype, like.device)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.width < width:
+            H = self.config.hidden_size
+            rows = {"inputs": [w.shape[0] for w in self.core.weights], "gates": [4 * H], "tanh": [H]}
+            scratch = _Scratch(width, {name: [like.new_empty(r * width) for r in rs] for name, rs in rows.items()}, rows)
+            self._scratch[key] = scratch
+        return scratch
+
+
+@dataclass
+class _Scratch:
+    """Flat buffers of :meth:`LSTMGACRule.step_`, viewed as contiguous (rows, width) blocks for
+    each chunk: the same layout whatever the capacity, so results do not depend on which
+    step first sized the buffers."""
+
+    width: int
+    flat: dict[str, list[Tensor]]
+    rows: dict[str, list[int]]
+
+    def view(self, name: str, index: int, width: int) -> Tensor:
+        rows = self.rows[name][index]
+        return self.flat[name][index][: rows * width].view(rows, width)
+
+    def rows_view(self, name: str, rows: int, width: int) -> Tensor:
+        """A (rows, width) float32 staging buffer ``name`` (for lower-precision state), made on first use."""
+        flat = self.flat.get(name)
+        if flat is None or flat[0].numel() < rows * width:
+            flat = [self.flat["tanh"][0].new_empty(max(rows, 1) * self.width)]
+            self.flat[name] = flat
+        return flat[0][: rows * width].view(rows, width)
+
+
+@dataclass
+class _Stage:
+    """Where the in-place step reads and writes a chunk: the state's own float32 views, or (for
+    lower-precision state) float32 copies that are stored back, rounded once."""
+
+    scratch: _Scratch
+    staged: bool
+
+    def load(self, name: str, view: Tensor) -> Tensor:
+        if not self.staged:
+            return view
+        return self.scratch.rows_view(name, view.shape[0], view.shape[1]).copy_(view)
+
+    def store(self, view: Tensor, value: Tensor) -> None:
+        if self.staged:
+            view.copy_(value)
