@@ -105,7 +105,7 @@ def step_errors(args) -> str:
     rows = ["| rule | state | max abs error of g_t | max abs g_t | max abs error of the state |",
             "| --- | --- | ---: | ---: | ---: |"]
     gen = torch.Generator(device=device).manual_seed(0)
-    for name in ("suite", "mnist"):
+    for name in ("suite-time", "suite", "mnist"):
         rule = load_rule(name)[0].to(device)
         layout = rule.segments([num // 2, num - num // 2], device)
         for dtype in (torch.float32, torch.bfloat16):
@@ -142,9 +142,10 @@ def throughput(args) -> str:
     peak_bw = bandwidth(device, megabytes=1024 if device.type == "cuda" else 64)
     peak_flops = tf32_rate(device) if device.type == "cuda" else float("nan")
     from learned_optim.kernels.lstm_gac import bytes_per_coordinate, flops_per_coordinate
+    from learned_optim.optim.lstm import DEFAULT_WEIGHTS
     from learned_optim.rules import load_rule
 
-    rule = load_rule("suite")[0]
+    rule = load_rule(DEFAULT_WEIGHTS)[0]
     lines = [f"Measured in this run: copy bandwidth {peak_bw / 1e12:.2f} TB/s (read + write), TF32 GEMM "
              f"{peak_flops / 1e12:.0f} TFLOP/s. Design traffic of the Triton LSTM+GAC step: "
              f"{bytes_per_coordinate(rule)} B per coordinate in float32 state, "

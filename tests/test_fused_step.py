@@ -32,7 +32,7 @@ STATE_ATOL = 2e-5
 
 
 def _rules() -> dict[str, LSTMGACRule]:
-    rules = {name: load_rule(name)[0] for name in ("suite", "mnist", "mnist-paper")}
+    rules = {name: load_rule(name)[0] for name in ("suite-time", "suite", "mnist", "mnist-paper")}
     rules["group-scope-no-gac"] = LSTMGACRule(LSTMGACConfig(gac_scope="group", gac_cells=0), seed=3)
     rules["extra-inputs"] = LSTMGACRule(LSTMGACConfig(momentum_decays=(0.5, 0.9), momentum_rms_decay=0.999,
                                                       extra_inputs=2), seed=1)
