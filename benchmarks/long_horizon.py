@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
             mine = [r for r in rows if r["task"] == t and r["optimizer"] == o]
             lr = _JOBS["specs"][(t, o)][1]  # type: ignore[index]
             worst = max(r["final"] / r["at_tenth"] if math.isfinite(r["at_tenth"]) else math.inf for r in mine)
-            lines.append(f"| {t} | {o} | {'default' if ':' in o or o in ('lstm-gac', 'ntm-bfgs') else f'{lr:.3g}'} | "
+            lines.append(f"| {t} | {o} | {suite.lr_label(o, lr)} | "
                          f"{sum(r['falling'] for r in mine)}/{len(mine)} | "
                          f"{statistics.median(r['at_tenth'] for r in mine):.4g} | "
                          f"{statistics.median(r['final'] for r in mine):.4g} | {worst:.3g} |")

@@ -143,24 +143,54 @@ def learned_spec(name: str) -> OptimizerSpec:
     """A learned optimizer at its default settings: ``"lstm-gac"`` (its default weights) or
     ``"lstm-gac:WEIGHTS"`` (shipped weights by name, or a path), likewise ``"ntm-bfgs[:…]"``.
     No lr is passed: the optimizer runs as ``Cls(params)`` or ``Cls(params, weights=WEIGHTS)``.
-    A suffix ``@bf16`` stores the rule state in bfloat16 (``state_dtype=torch.bfloat16``)."""
-    base, at, option = name.partition("@")
-    if at and option != "bf16":
-        raise ValueError(f"unknown learned-optimizer option {'@' + option!r} in {name!r} (known: @bf16)")
+    Suffixes, each after an ``@``: ``@bf16`` stores the rule state in bfloat16
+    (``state_dtype=torch.bfloat16``); ``@lr=X`` passes ``lr=X`` (the learned step × X), e.g.
+    ``"lstm-gac@lr=0.5"``, to measure a user's setting rather than the default."""
+    base, *options = name.split("@")
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        key, equals, value = option.partition("=")
+        if option == "bf16":
+            kwargs["state_dtype"] = torch.bfloat16
+        elif key == "lr" and equals:
+            try:
+                lr = float(value)
+            except ValueError:
+                lr = math.nan
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"@lr= needs a positive number in {name!r}, got {value!r}")
+            kwargs["lr"] = lr
+        else:
+            raise ValueError(f"unknown learned-optimizer option {'@' + option!r} in {name!r} (known: @bf16, @lr=X)")
     optimizer, _, weights = base.partition(":")
     entry = registry.info(optimizer)
     if entry.lr_grid != (1.0,):
         raise ValueError(f"{optimizer!r} is not a learned optimizer (the suite tunes only the built-in baselines)")
-    kwargs: dict[str, Any] = {"weights": weights} if weights else {}
-    if at:
-        if "state_dtype" not in inspect.signature(entry.cls).parameters:
-            raise ValueError(f"{optimizer!r} has no state_dtype option (@bf16)")
-        kwargs["state_dtype"] = torch.bfloat16
+    if weights:
+        kwargs["weights"] = weights
+    if "state_dtype" in kwargs and "state_dtype" not in inspect.signature(entry.cls).parameters:
+        raise ValueError(f"{optimizer!r} has no state_dtype option (@bf16)")
 
     def factory(params, lr, task, cls=entry.cls):
         return cls(params, **kwargs)
 
     return OptimizerSpec(name, factory, (1.0,))
+
+
+def lr_label(optimizer: str, lr: float | None) -> str:
+    """The lr column of a report: a tuned or fixed rate, a learned optimizer's ``@lr=X``, else "default"."""
+    for option in optimizer.split("@")[1:]:
+        if option.startswith("lr="):
+            return option[3:]
+    if lr is None or is_learned(optimizer):
+        return "default"
+    return f"{lr:.3g}"
+
+
+def is_learned(optimizer: str) -> bool:
+    """Whether a suite optimizer name is a learned optimizer (``lstm-gac``, ``ntm-bfgs:…@…``)."""
+    name = optimizer.split("@")[0].partition(":")[0]
+    return name in registry.available() and registry.info(name).lr_grid == (1.0,)
 
 
 def suite_optimizers(names: Iterable[str]) -> dict[str, OptimizerSpec]:
@@ -503,7 +533,7 @@ def format_report(results: Sequence[SuiteResult], reference: str = "adam") -> st
         rows = sorted((r for r in results if r.task == task), key=lambda r: r.median)
         for r in rows:
             entry = summary[r.optimizer]["tasks"][task]
-            lr = "default" if r.lr is None else f"{r.lr:.3g}"
+            lr = lr_label(r.optimizer, r.lr)
             if "ratio" in entry:
                 ratio = _fmt(entry["ratio"])
                 fast = (("" if entry["reached"] else "> ") + f"{entry['speedup']:.2f}") if math.isfinite(r.median) else "–"

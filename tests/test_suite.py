@@ -165,6 +165,19 @@ def test_a_bf16_suffix_runs_a_learned_optimizer_with_bfloat16_state():
     assert ntm.state_dtype == torch.bfloat16
 
 
+def test_an_lr_suffix_passes_the_users_lr_and_labels_the_report():
+    opt = suite.learned_spec("lstm-gac:mnist@lr=0.5").factory([torch.zeros(3, requires_grad=True)], 1.0, None)
+    assert opt.defaults["lr"] == 0.5 and opt.weights_metadata["name"] == "mnist"
+    both = suite.learned_spec("ntm-bfgs@bf16@lr=0.25").factory([torch.zeros(3, requires_grad=True)], 1.0, None)
+    assert both.defaults["lr"] == 0.25 and both.state_dtype == torch.bfloat16
+    for bad in ("lstm-gac@lr=0", "lstm-gac@lr=-1", "lstm-gac@lr=fast", "lstm-gac@lr=nan"):
+        with pytest.raises(ValueError, match="@lr= needs a positive number"):
+            suite.learned_spec(bad)
+    assert suite.lr_label("lstm-gac@lr=0.5", None) == "0.5"
+    assert suite.lr_label("lstm-gac:suite", None) == suite.lr_label("ntm-bfgs@bf16", 1.0) == "default"
+    assert suite.lr_label("adam", 0.0316) == "0.0316"
+
+
 def test_reports_name_the_cpu_their_numbers_came_from():
     """Float rounding differs between CPUs and long runs amplify it, so a report's environment
     line names the CPU model (from /proc/cpuinfo on Linux)."""
