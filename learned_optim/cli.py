@@ -202,7 +202,7 @@ def _meta_trainer(args: argparse.Namespace):
         rule=args.rule, rule_config=_json_argument(args.rule_config, "--rule-config"),
         init_weights=args.init_weights,
         task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, horizon_min=args.horizon_min,
-        validation_horizon=args.validation_horizon, reparametrize=args.reparametrize, truncation=args.truncation,
+        validation_horizon=args.validation_horizon, burn_in=args.burn_in, reparametrize=args.reparametrize, truncation=args.truncation,
         tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
         meta_lr=args.meta_lr, meta_lr_schedule=args.meta_lr_schedule, clip_grad_norm=args.clip_grad_norm, gradient=args.gradient,
         estimator=args.estimator, pes_sigma=args.pes_sigma, pes_pairs=args.pes_pairs, trainable=args.trainable,
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--horizon-min", type=int, default=None,
                         help="if given, each episode's horizon is drawn log-uniformly in [this, --horizon]")
     p_meta.add_argument("--validation-horizon", type=int, default=None, help="steps of validation runs (default: --horizon)")
+    p_meta.add_argument("--burn-in", type=int, default=0,
+                        help="B: each episode first runs its tasks (no graph) for a uniform draw in [0, B] steps, "
+                             "then meta-trains on the next --horizon steps: late-training states, cheaply (0: off)")
     p_meta.add_argument("--reparametrize", type=float, default=1.0,
                         help="a ≥ 1: train on tasks whose tensors are in random units c, log-uniform in [1/a, a] (1: off)")
     p_meta.add_argument("--truncation", type=int, default=20, help="U inner steps per meta-step")

@@ -4,6 +4,7 @@ unroll, a seconds-long training run, resuming, skipping non-finite meta-losses, 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -423,3 +424,24 @@ def test_warm_starts_take_the_weights_and_drop_only_what_the_config_turns_off(tm
     with pytest.raises(ValueError, match="do not fit the rule config given"):
         MetaTrainer(MetaTrainConfig(**base, rule_config={**relative, "hidden_size": 8}), tmp_path / "bad",
                     progress=False)
+
+
+def test_burn_in_draws_are_uniform_in_range_and_episodes_meta_train_after_them(tmp_path):
+    with pytest.raises(ValueError, match="burn_in must be a non-negative integer"):
+        _config(burn_in=-1)
+    trainer = MetaTrainer(_config(burn_in=30), tmp_path, progress=False, log=None)
+    draws = [trainer.episode_burn_in(e) for e in range(300)]
+    assert draws == [trainer.episode_burn_in(e) for e in range(300)] and set(draws) <= set(range(31))
+    assert min(draws) <= 2 and max(draws) >= 28 and 10 <= sorted(draws)[150] <= 20  # uniform: median near 15
+    assert MetaTrainer(_config(), tmp_path / "off", progress=False, log=None).episode_burn_in(3) == 0
+    # episode e's first meta-step scores steps B+1..B+U of its tasks, run from θ₀ with φ as it was
+    episode = next(e for e, b in enumerate(draws) if b >= 5)
+    burn_in, before = draws[episode], copy.deepcopy(trainer.rule)
+    trainer.episode = episode
+    applied = trainer.run_episode()
+    unroll = Unroll(before, trainer.episode_stack(episode))
+    with torch.no_grad():
+        losses, _ = unroll.run(unroll.start(), burn_in + 10, track=False)
+    assert applied[0] == pytest.approx(float(meta_loss(losses[burn_in:], "mean")), rel=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["episode"], r["steps"]) for r in records if r["kind"] == "burn-in"] == [(episode, burn_in)]

@@ -81,6 +81,8 @@ class MetaTrainConfig:
     horizon: int = 100  # T (with horizon_min: the longest an episode draws)
     horizon_min: int | None = None  # if set, episode horizons log-uniform in [horizon_min, horizon] (see episode_horizon)
     validation_horizon: int | None = None  # steps of a validation run (default: horizon)
+    burn_in: int = 0  # B: each episode first runs its tasks with the rule, no graph, for a uniform draw in
+    # [0, B] steps, then meta-trains on the next horizon steps (see episode_burn_in)
     reparametrize: float = 1.0  # a ≥ 1: each training task's tensors in random units c ∈ [1/a, a] (1: off)
     truncation: int = 20  # U
     tasks_per_step: int = 128  # K, unrolled together
@@ -117,6 +119,8 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.horizon % self.truncation:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of truncation ({self.truncation})")
+        if not isinstance(self.burn_in, int) or isinstance(self.burn_in, bool) or self.burn_in < 0:
+            raise ValueError(f"burn_in must be a non-negative integer (0: off), got {self.burn_in!r}")
         for name in ("horizon_min", "validation_horizon"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -161,7 +165,7 @@ class MetaTrainConfig:
     def training(self) -> dict[str, Any]:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
         keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "horizon_min",
-                "validation_horizon", "reparametrize", "truncation", "tasks_per_step",
+                "validation_horizon", "burn_in", "reparametrize", "truncation", "tasks_per_step",
                 "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "estimator", "pes_sigma", "pes_pairs", "trainable", "loss_transform", "select_by", "validate_every",
                 "validation_tasks", "validation_task_kwargs", "explode_ratio", "seed", "precision")
         return {k: getattr(self, k) for k in keep}
@@ -285,7 +289,7 @@ class MetaTrainer:
         for key, default in (("precision", "float32"), ("horizon_min", None), ("validation_horizon", None),
                              ("reparametrize", 1.0), ("validation_task_kwargs", None),
                              ("estimator", "truncated-bptt"), ("pes_sigma", 0.01), ("pes_pairs", 4),
-                             ("trainable", None)):
+                             ("trainable", None), ("burn_in", 0)):
             saved.setdefault(key, default)  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
@@ -349,6 +353,17 @@ class MetaTrainer:
         drawn = math.exp(math.log(cfg.horizon_min) + u * (math.log(cfg.horizon) - math.log(cfg.horizon_min)))
         return min(cfg.horizon, max(cfg.truncation, round(drawn / cfg.truncation) * cfg.truncation))
 
+    def episode_burn_in(self, episode: int) -> int:
+        """Steps run before ``episode``'s meta-training: 0, or with ``burn_in`` = B a uniform draw in
+        [0, B] (a function of seed and episode). The meta-gradient then sees states from late in
+        long runs, where a rule trained on short ones overshoots, at the cost of plain steps
+        (an estimator's truncation costs 2·pairs unrolls for PES)."""
+        cfg = self.config
+        if not cfg.burn_in:
+            return 0
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + episode + 13)
+        return int(torch.randint(cfg.burn_in + 1, (), generator=gen))
+
     def episode_stack(self, episode: int) -> TaskStack:
         """The K tasks of ``episode`` (this rank's share), in random units if ``reparametrize`` > 1."""
         cfg = self.config
@@ -367,7 +382,21 @@ class MetaTrainer:
             group["lr"] = self.meta_lr(self.episode)
         unroll = Unroll(self.rule, stack, cfg.gradient, cfg.precision)
         state = unroll.start()
-        applied = []
+        applied: list[float] = []
+        burn_in = self.episode_burn_in(self.episode)
+        if burn_in:
+            with torch.no_grad():
+                losses, state = unroll.run(state, burn_in, track=False)
+            final = float(losses[-1].mean())
+            record = {"kind": "burn-in", "episode": self.episode, "steps": burn_in, "final_loss": final}
+            if not math.isfinite(final) or final > cfg.explode_ratio * float(state.initial_losses.mean()):
+                self.skipped += 1
+                record["skipped"] = "non-finite" if not math.isfinite(final) else "exploded"
+                self._log(record)
+                self.print(f"episode {self.episode}: burn-in of {burn_in} steps {record['skipped']}; "
+                           f"skipped ({self.skipped} so far)")
+                return applied
+            self._log(record)
         for truncation in range(self.episode_horizon(self.episode) // cfg.truncation):
             with float32_matmul_precision(cfg.precision):  # the meta-gradient's backward pass too
                 result = self.estimator.estimate(self.rule, unroll, state, cfg.truncation)
