@@ -8,7 +8,8 @@ them by κ gives exactly κ·g_t from the same LSTM state, i.e. the optimizer at
 the user passing one. Meta-training by truncated unrolls prefers steps larger than the best
 for long runs (see the README's suite section); this one-dimensional search scores the whole
 horizon instead. Prints a markdown table; ``--out`` writes the weights at the best κ (lowest
-validation meta-loss), their metadata naming this command and the table.
+validation meta-loss, or with ``--select-by median_final_loss`` the lowest median final loss),
+their metadata naming this command and the table.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--validation-tasks", type=int, default=6)
     parser.add_argument("--horizon", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--select-by", default="meta_loss", choices=["meta_loss", "median_final_loss"],
+                        help="the validation score whose lowest value picks κ (the meta-trainer's choices: the mean "
+                             "log loss over the run, or the median over tasks of the final loss)")
     parser.add_argument("--out", default=None, help="write the weights at the best κ here (PATH.json/.safetensors)")
     args = parser.parse_args(argv)
     if any(not k > 0 for k in args.scales):
@@ -62,10 +66,11 @@ def main(argv: list[str]) -> int:
     for factor in args.scales:
         rule.load_state_dict({k: v * factor if k in STEP_TENSORS else v for k, v in original.items()})
         results.append((factor, validate(rule, family, seeds, args.horizon, "log")))
-    best_factor, best = min(results, key=lambda r: r[1]["meta_loss"])
+    best_factor, best = min(results, key=lambda r: r[1][args.select_by])
     command = "python benchmarks/step_scale.py " + " ".join(shlex.quote(a) for a in argv)
     lines = [f"Command: `{command}` ({time.perf_counter() - start:.0f} s; validation: {args.validation_tasks} "
-             f"{args.family} tasks {kwargs}, {args.horizon} steps, mean log loss).", "",
+             f"{args.family} tasks {kwargs}, {args.horizon} steps, mean log loss; κ picked by "
+             f"{args.select_by}).", "",
              "| κ | validation meta-loss | median final loss |", "| ---: | ---: | ---: |"]
     lines += [f"| {k:g} | {s['meta_loss']:.4g} | {s['median_final_loss']:.4g} |" for k, s in results]
     print("\n".join(lines))
@@ -76,6 +81,7 @@ def main(argv: list[str]) -> int:
         own = ("format", "name", "rule", "config", "tensors_sha256", "torch_version", "date")
         source = {k: v for k, v in metadata.items() if k not in own}
         meta = {"step_scale": {"from": str(args.weights), "factor": best_factor, "command": command,
+                               "select_by": args.select_by,
                                "validation": [{"factor": k, **s} for k, s in results], "source": source}}
         path = save_rule(rule, args.out, meta)
         print(f"\nwrote {path} (κ = {best_factor:g})")
