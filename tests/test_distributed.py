@@ -232,3 +232,31 @@ def test_data_parallel_meta_training_matches_one_process_drawing_the_same_tasks(
     logged = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(logged) == len((tmp_path / "single" / "log.jsonl").read_text().splitlines())
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _burn_in_worker(rank: int, world: int, port: int, out: str) -> None:
+    from datetime import timedelta
+
+    from learned_optim.meta import MetaTrainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
+    try:
+        # Only rank 1's burn-ins count as exploded (any loss above 1e-9 × the initial one).
+        config = _meta_config(burn_in=5, episodes=2, validate_every=10, explode_ratio=1e-9 if rank == 1 else 1e4)
+        trainer = MetaTrainer(config, Path(out) / f"run{rank}", progress=False, log=None)
+        assert all(trainer.episode_burn_in(e) > 0 for e in range(2))  # (a draw of 0 runs no burn-in)
+        before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+        summary = trainer.train()
+        torch.save({"skipped": trainer.skipped, "episodes": summary["episodes"], "moved": any(
+            not torch.equal(v, before[k]) for k, v in trainer.rule.state_dict().items())}, Path(out) / f"burn{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_burn_in_that_explodes_on_one_rank_skips_the_episode_on_every_rank(tmp_path):
+    mp.spawn(_burn_in_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"burn{r}.pt") for r in range(WORLD)]
+    for rank in ranks:  # rank 0's own burn-ins were fine, yet it skipped with rank 1 instead of waiting for it
+        assert rank == {"skipped": 2, "episodes": 2, "moved": False}

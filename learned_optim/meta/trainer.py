@@ -389,9 +389,11 @@ class MetaTrainer:
                 losses, state = unroll.run(state, burn_in, track=False)
             final = float(losses[-1].mean())
             record = {"kind": "burn-in", "episode": self.episode, "steps": burn_in, "final_loss": final}
-            if not math.isfinite(final) or final > cfg.explode_ratio * float(state.initial_losses.mean()):
+            bad = not math.isfinite(final) or final > cfg.explode_ratio * float(state.initial_losses.mean())
+            if _any_rank(bad, self.world):  # every rank skips together, or the others would wait in the all-reduce
                 self.skipped += 1
-                record["skipped"] = "non-finite" if not math.isfinite(final) else "exploded"
+                record["skipped"] = ("non-finite" if not math.isfinite(final) else "exploded") if bad \
+                    else "exploded on another rank"
                 self._log(record)
                 self.print(f"episode {self.episode}: burn-in of {burn_in} steps {record['skipped']}; "
                            f"skipped ({self.skipped} so far)")
@@ -514,6 +516,17 @@ def _average_across_ranks(grads: list[Tensor], values: list[float]) -> list[floa
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
     return flat[offset:].tolist()
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def _slowest_rank(seconds: float, world: int) -> float:
