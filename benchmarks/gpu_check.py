@@ -133,7 +133,7 @@ def step_errors(args) -> str:
         for opt in opts:
             opt.step()
     error = max(float((a - b).detach().abs().max()) for a, b in zip(params_a, params_b))
-    rows.append(f"| ntm-bfgs-mnist, 3 optimizer steps | float32 | parameters differ by at most {error:.3g} | | |")
+    rows.append(f"| NTMBFGS default ({learned_optim.NTM_DEFAULT_WEIGHTS}), 3 optimizer steps | float32 | parameters differ by at most {error:.3g} | | |")
     return f"{num:,} coordinates (two tensors):\n\n" + "\n".join(rows)
 
 

@@ -41,3 +41,19 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
         losses = run_seed(family, OptimizerSpec(name, lambda ps, lr, task, make=make: make(ps)), 1.0, 7, 80)
         finals[name] = final_loss(losses)
     assert finals["lstm"] < finals["adam"], finals
+
+
+def test_default_ntm_bfgs_weights_train_a_held_out_transformer_below_adam_at_its_default_lr():
+    """The same for NTMBFGS, no argument but the params (its default, "ntm-bfgs-suite")."""
+    import torch
+
+    from learned_optim import NTMBFGS
+    from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
+
+    assert NTM_DEFAULT_WEIGHTS == "ntm-bfgs-suite"
+    family = get_family("text-transformer", part="held-out")
+    finals = {}
+    for name, make in (("ntm", lambda ps: NTMBFGS(ps)), ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3))):
+        losses = run_seed(family, OptimizerSpec(name, lambda ps, lr, task, make=make: make(ps)), 1.0, 7, 80)
+        finals[name] = final_loss(losses)
+    assert finals["ntm"] < finals["adam"], finals

@@ -131,25 +131,43 @@ def test_a_bias_corrected_bfloat16_state_without_its_count_is_refused():
         rule.step_(torch.ones(4), state, rule.segments([4]), torch.empty(4))
 
 
-def test_ntm_bfgs_keeps_its_carried_rows_and_memory_in_float32_and_converts_state_dicts():
+@pytest.mark.parametrize("weights", ["ntm-bfgs-suite", "ntm-bfgs-mnist"])  # with and without bias correction
+def test_ntm_bfgs_keeps_its_carried_rows_and_memory_in_float32_and_converts_state_dicts(weights):
     params = _params()
-    half = NTMBFGS(params, state_dtype=torch.bfloat16)
+    half = NTMBFGS(params, weights, state_dtype=torch.bfloat16)
     _run(half, 3)
     controller_rows = half.rule.config.controller.state_rows
+    counted = half.rule.config.controller.bias_correction
+    assert counted == (weights == "ntm-bfgs-suite")
     state = half.state[params[0]]
-    assert state["rule_state"].dtype == torch.bfloat16 and state["rule_state"].shape == (controller_rows, 1200)
+    assert state["rule_state"].dtype == torch.bfloat16
+    assert state["rule_state"].shape == (controller_rows - int(counted), 1200)  # without the t row when counted
     assert state["carried"].dtype == torch.float32 and state["carried"].shape == (4, 1200)
     assert state["memory"].dtype == torch.float32
-    full = NTMBFGS(params)
+    assert ("step" in state) == counted and (not counted or float(state["step"]) == 3.0)
+    full = NTMBFGS(params, weights)
     full.load_state_dict(half.state_dict())
     rule_state = full.state[params[0]]["rule_state"]
     assert rule_state.shape == (half.rule.config.state_rows, 1200) and "carried" not in full.state[params[0]]
-    torch.testing.assert_close(rule_state[:controller_rows], state["rule_state"].float(), rtol=0, atol=0)
+    assert "step" not in full.state[params[0]]
+    kept = controller_rows - int(counted)
+    torch.testing.assert_close(rule_state[:kept], state["rule_state"].float(), rtol=0, atol=0)
+    if counted:  # the per-parameter count became the controller's t row again
+        assert torch.equal(rule_state[kept], torch.full((1200,), 3.0))
     torch.testing.assert_close(rule_state[controller_rows:], state["carried"], rtol=0, atol=0)
-    back = NTMBFGS(params, state_dtype=torch.bfloat16)
+    back = NTMBFGS(params, weights, state_dtype=torch.bfloat16)
     back.load_state_dict(full.state_dict())
     _run(half, 2)
     _run(back, 2)
     for p in params:
-        for key in ("rule_state", "carried"):
+        for key in ("rule_state", "carried") + (("step",) if counted else ()):
             assert torch.equal(back.state[p][key], half.state[p][key])
+
+
+def test_ntm_bfgs_step_counts_apart_need_the_carried_rows_apart():
+    rule, _ = load_rule("ntm-bfgs-suite")
+    layout = rule.segments([4])
+    coords, memory = rule.init_state(4, segments=layout)
+    with pytest.raises(ValueError, match="count .* carried"):
+        rule.step_(torch.ones(4), (coords, memory), layout, torch.empty(4), count=torch.zeros(4))
+    assert torch.equal(coords, torch.zeros_like(coords))  # refused before anything moved

@@ -10,7 +10,8 @@ group's params must live on one device. State, all in ``optimizer.state`` (so
 - ``state[p]["rule_state"]``: every coordinate's controller state and its previous key, step
   and read (float32, (rule.config.state_rows, numel)); with ``state_dtype=torch.bfloat16``
   the controller's rows only, in bfloat16, and the last 4 (the previous gradient, key, step and
-  read, which the memory's inner products use) in ``state[p]["carried"]``, float32;
+  read, which the memory's inner products use) in ``state[p]["carried"]``, float32, and a
+  bias-corrected controller's step count t in ``state[p]["step"]`` (float32, as Adam keeps it);
 - the group's memory, in the state of the group's first param that has a gradient:
   ``"memory"`` (dense (1, n, n), or limited (1, 2, K, n)) and ``"memory_params"`` (a list of
   the positions in the group of the params it covers). The memory spans exactly the params that
@@ -38,10 +39,11 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 
-#: The shipped weights NTMBFGS loads when none are named: the MNIST ones (limited memory), as
-#: for LSTMOptimizer. "ntm-bfgs-quadratic" is a specialist: far ahead on the paper's quadratics,
-#: it diverges on Rosenbrock and on small MLPs (the conformance suite's checks).
-NTM_DEFAULT_WEIGHTS = "ntm-bfgs-mnist"
+#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-suite" (limited memory), whose
+#: controller is LSTMOptimizer's default and whose heads were meta-trained on the suite's families.
+#: "ntm-bfgs-mnist" (the default before it) is an MNIST-MLP specialist; "ntm-bfgs-quadratic" is far
+#: ahead on the paper's quadratics and diverges on Rosenbrock and on small MLPs.
+NTM_DEFAULT_WEIGHTS = "ntm-bfgs-suite"
 
 
 @register(
@@ -53,7 +55,7 @@ NTM_DEFAULT_WEIGHTS = "ntm-bfgs-mnist"
 class NTMBFGS(LearnedRuleOptimizer):
     """The learned quasi-Newton optimizer NTM-BFGS; one line replaces Adam::
 
-        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-mnist")
+        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-suite")
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. Each param
@@ -81,8 +83,8 @@ class NTMBFGS(LearnedRuleOptimizer):
             ``TRITON_INTERPRET=1``), ``True`` to require them, ``False`` for the eager step.
         state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype the
             controller's per-coordinate state (LSTM h and c, momentum sums, v) is stored in; the
-            carried rows and the memory stay float32. (Controllers with bias correction are not
-            supported in bfloat16 yet.)
+            carried rows, the memory and a bias-corrected controller's step count (then in
+            ``state[p]["step"]``) stay float32.
     """
 
     rule_class = NTMBFGSRule
@@ -106,9 +108,6 @@ class NTMBFGS(LearnedRuleOptimizer):
     ) -> None:
         self._load(weights, seed, lambda s: NTMBFGSRule(seed=s))
         self.state_dtype = check_state_dtype(state_dtype)
-        if self._split and self.rule.config.controller.bias_correction:
-            raise ValueError("NTMBFGS: state_dtype=torch.bfloat16 is not supported for a controller with bias "
-                             "correction (its step counts cannot be held in bfloat16)")
         if memory is not None or memory_capacity is not None or curvature_eps is not None:
             try:
                 self.rule = self.rule.with_memory(memory, memory_capacity, curvature_eps)
@@ -133,6 +132,12 @@ class NTMBFGS(LearnedRuleOptimizer):
         """Whether the controller's rows are stored apart (in ``state_dtype``) from the carried rows."""
         return self.state_dtype != torch.float32
 
+    @property
+    def _count_apart(self) -> bool:
+        """Whether a bias-corrected controller's step counts t live in ``state[p]["step"]`` (float32,
+        as Adam keeps them) rather than in the last controller row: a bfloat16 row cannot count."""
+        return self._split and self.rule.config.controller.bias_correction
+
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
         if key == "rule_state":
             return self.state_dtype
@@ -141,8 +146,10 @@ class NTMBFGS(LearnedRuleOptimizer):
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
         controller_rows = self.rule.config.controller.state_rows
         if self._split:
-            state["rule_state"] = torch.zeros(controller_rows, param.numel(), dtype=self.state_dtype,
-                                              device=param.device)
+            state["rule_state"] = torch.zeros(controller_rows - int(self._count_apart), param.numel(),
+                                              dtype=self.state_dtype, device=param.device)
+            if self._count_apart:
+                state["step"] = torch.zeros((), dtype=torch.float32)
             state["carried"] = torch.zeros(self.rule.config.state_rows - controller_rows, param.numel(),
                                            dtype=self.rule.dtype, device=param.device)
         else:
@@ -151,8 +158,10 @@ class NTMBFGS(LearnedRuleOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by an optimizer with the same weights, in either ``state_dtype``
-        (converted: the carried rows move between ``rule_state`` and ``carried``)."""
+        (converted: the carried rows move between ``rule_state`` and ``carried``, and a
+        bias-corrected controller's step-count row to ``state[p]["step"]`` and back)."""
         controller_rows = self.rule.config.controller.state_rows
+        counted = self.rule.config.controller.bias_correction
         converted = {}
         for pid, entry in state_dict.get("state", {}).items():
             rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
@@ -161,8 +170,16 @@ class NTMBFGS(LearnedRuleOptimizer):
                 if self._split and "carried" not in entry:  # float32 layout → split
                     entry["carried"] = rule_state[controller_rows:].float()
                     entry["rule_state"] = rule_state[:controller_rows]
+                    if counted:  # the t row → a per-parameter step, as LSTMOptimizer keeps it
+                        t = rule_state[controller_rows - 1]
+                        entry["step"] = (t[0] if t.numel() else t.new_zeros(())).detach().to("cpu", torch.float32).clone()
+                        entry["rule_state"] = rule_state[:controller_rows - 1]
                 elif not self._split and "carried" in entry:  # and back
-                    entry["rule_state"] = torch.cat((rule_state.float(), entry.pop("carried").float()))
+                    rows = [rule_state.float()]
+                    if counted and "step" in entry:
+                        step = torch.as_tensor(entry.pop("step"), dtype=torch.float32)
+                        rows.append(step.to(rule_state.device).expand(1, rule_state.shape[1]))
+                    entry["rule_state"] = torch.cat((*rows, entry.pop("carried").float()))
             converted[pid] = entry
         super().load_state_dict({**state_dict, "state": converted})
 
@@ -187,8 +204,12 @@ class NTMBFGS(LearnedRuleOptimizer):
         carried = self._packed_state((id(group), device, "carried"), states, "carried") if self._split else None
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
+        steps = [state["step"] for state in states] if self._count_apart else []
+        count = self._count_row(steps, sizes, device) if steps else None
         new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device),
-                               fused=use_fused(group["fused"], device), carried=carried)
+                               fused=use_fused(group["fused"], device), carried=carried, count=count)
+        if steps:
+            torch._foreach_add_(steps, 1.0)
         updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), params)]
         self._decay(group, params)
         torch._foreach_add_(params, updates, alpha=group["lr"])

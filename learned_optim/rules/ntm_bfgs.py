@@ -347,7 +347,8 @@ class NTMBFGSRule(nn.Module):
 
     @torch.no_grad()
     def step_(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout, out: Tensor,
-              chunk: int = STEP_CHUNK, fused: bool = False, carried: Tensor | None = None) -> Tensor:
+              chunk: int = STEP_CHUNK, fused: bool = False, carried: Tensor | None = None,
+              count: Tensor | None = None) -> Tensor:
         """:meth:`forward` in place, for the drop-in optimizer (not differentiable): writes g_t
         into ``out`` (N,), advances the per-coordinate state (R, N) in place and returns the new
         memory. The controller runs chunk by chunk in place (:meth:`LSTMGACRule.step_`, with
@@ -358,13 +359,17 @@ class NTMBFGSRule(nn.Module):
         ``carried`` (4, N) float32 holds the rows after the controller's (∇, r, s, i of the last
         step) apart from the state, which then holds the controller's rows only, possibly in
         bfloat16 (the drop-in optimizer's ``state_dtype``): the memory's inner products need
-        the carried rows in float32."""
+        the carried rows in float32. ``count`` (N,) float32 then holds a bias-corrected
+        controller's step counts t apart from its rows (see :meth:`LSTMGACRule.step_`), which
+        then lack their last row: a bfloat16 row cannot count steps."""
+        if count is not None and carried is None:
+            raise ValueError("count (the controller's step counts held apart) goes with carried rows held apart")
         if carried is None:
             coords, memory_state = self._checked(grad, state, segments)
             controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
         else:
             controller_state, memory_state = state
-            rows = self.config.controller.state_rows
+            rows = self.config.controller.state_rows - int(count is not None)
             if controller_state.dim() != 2 or controller_state.shape != (rows, grad.shape[0]):
                 raise ValueError(f"controller state must have shape ({rows}, {grad.shape[0]}), "
                                  f"got {tuple(controller_state.shape)}")
@@ -374,7 +379,7 @@ class NTMBFGSRule(nn.Module):
             segments.memory.check_state(memory_state, segments.groups.width, segments.groups.count)
         extra = self._controller_extra(carried)
         top = self.controller.step_(grad, controller_state, segments.gac, out, extra, chunk=chunk, sigmoid_tanh=False,
-                                    fused=fused)
+                                    fused=fused, count=count)
         top = top.to(self.dtype)  # the heads read h in float32 (a copy where the state is bfloat16)
         update, new_carried, memory_state = self._heads(grad, top, out.clone(), carried, memory_state, segments)
         carried.copy_(new_carried)
