@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e5, 1e6, 1e7])
-    parser.add_argument("--optimizers", nargs="+", default=[BASELINE, *learned_optim.available()])
+    parser.add_argument("--optimizers", nargs="+", default=[BASELINE, *learned_optim.available()],
+                        help="registered names, or NAME:WEIGHTS for a learned optimizer with other shipped weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed steps per case (at least 2 steps)")
     parser.add_argument("--skip", nargs="*", default=[], metavar="NAME@SIZE",
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             for p, q in zip(params, made):
                 p.grad = q.grad.to(device)
             opt = make_optimizer(name, params)
-            if name == "lstm-gac" and args.lstm_chunk is not None:
+            if name.partition(":")[0] == "lstm-gac" and args.lstm_chunk is not None:
                 for group in opt.param_groups:
                     group["chunk_size"] = args.lstm_chunk
             for _ in range(warmup_steps(opt)):
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == BASELINE:
                 baseline = seconds
             row["ratio_to_adam"] = seconds / baseline if baseline else None
-            if name == "lstm-gac":
+            if name.partition(":")[0] == "lstm-gac":
                 flops, moved = lstm_work(opt.rule)
                 row["flop_fraction"] = flops * size / seconds / rate
                 row["bandwidth_fraction"] = moved * size / seconds / bw

@@ -72,10 +72,14 @@ def make_params(n: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """A registered optimizer (or a reference) by name; ``NAME:WEIGHTS`` gives a learned one other weights."""
     if name in REFERENCES:
         return REFERENCES[name](params)
+    name, _, weights = name.partition(":")
     info = learned_optim.info(name)
     kwargs = dict(info.example_kwargs)
+    if weights:
+        kwargs["weights"] = weights
     if info.uses_batch_size:
         kwargs.setdefault("batch_size", 1)
     return learned_optim.create(name, params, **kwargs)
