@@ -30,30 +30,21 @@ def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_
     assert learned < 0.75 * best_sgd, f"default weights {learned:.4f} vs best SGD {best_sgd:.4f}"
 
 
-def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_lr():
-    """The default LSTMOptimizer, no argument but the params, on a transformer language model it
-    never saw (the suite's family, held-out text, a held-out seed), against Adam(lr=1e-3)."""
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "NTMBFGS"])
+def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_lr(optimizer):
+    """Each learned optimizer at its defaults, no argument but the params, on a transformer
+    language model it never saw (the suite's family, held-out text, a held-out seed), against
+    Adam(lr=1e-3)."""
     import torch
 
-    family = get_family("text-transformer", part="held-out")
-    finals = {}
-    for name, make in (("lstm", lambda ps: LSTMOptimizer(ps)), ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3))):
-        losses = run_seed(family, OptimizerSpec(name, lambda ps, lr, task, make=make: make(ps)), 1.0, 7, 80)
-        finals[name] = final_loss(losses)
-    assert finals["lstm"] < finals["adam"], finals
-
-
-def test_default_ntm_bfgs_weights_train_a_held_out_transformer_below_adam_at_its_default_lr():
-    """The same for NTMBFGS, no argument but the params (its default, "ntm-bfgs-suite")."""
-    import torch
-
-    from learned_optim import NTMBFGS
+    import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert NTM_DEFAULT_WEIGHTS == "ntm-bfgs-suite"
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-time-half", "ntm-bfgs-suite")
+    learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
-    for name, make in (("ntm", lambda ps: NTMBFGS(ps)), ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3))):
+    for name, make in (("learned", lambda ps: learned(ps)), ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3))):
         losses = run_seed(family, OptimizerSpec(name, lambda ps, lr, task, make=make: make(ps)), 1.0, 7, 80)
         finals[name] = final_loss(losses)
-    assert finals["ntm"] < finals["adam"], finals
+    assert finals["learned"] < finals["adam"], finals

@@ -112,6 +112,16 @@ class LearnedRuleOptimizer(PackageOptimizer):
         return torch.repeat_interleave(counts, torch.tensor(sizes, device=device), output_size=sum(sizes))
 
     @staticmethod
+    def _step_of_count_row(t_row: Tensor) -> Tensor:
+        """A saved float32 state's step-count row (N,) as the per-parameter ``state[p]["step"]``."""
+        return (t_row[0] if t_row.numel() else t_row.new_zeros(())).detach().to("cpu", torch.float32).clone()
+
+    @staticmethod
+    def _count_row_of_step(step: Any, like: Tensor) -> Tensor:
+        """A per-parameter ``state[p]["step"]`` as a (1, N) float32 count row beside the rows ``like``."""
+        return torch.as_tensor(step, dtype=torch.float32).to(like.device).expand(1, like.shape[1])
+
+    @staticmethod
     def _decay(group: dict[str, Any], params: list[Tensor]) -> None:
         """Decoupled weight decay, as AdamW: θ ← θ·(1 − lr·λ), before the learned step is added
         (so a schedule that scales ``lr`` scales the decay with it)."""

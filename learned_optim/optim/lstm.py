@@ -123,12 +123,10 @@ class LSTMOptimizer(LearnedRuleOptimizer):
                 continue
             entry = dict(entry)
             if self._count_apart and rule_state.shape[0] == rows:  # t row → per-parameter step
-                t = rule_state[-1]
-                entry["step"] = (t[0] if t.numel() else t.new_zeros(())).detach().to("cpu", torch.float32).clone()
+                entry["step"] = self._step_of_count_row(rule_state[-1])
                 entry["rule_state"] = rule_state[:-1]
             elif not self._count_apart and rule_state.shape[0] == rows - 1 and "step" in entry:  # and back
-                step = torch.as_tensor(entry.pop("step"), dtype=torch.float32)
-                t = step.to(rule_state.device).expand(1, rule_state.shape[1])
+                t = self._count_row_of_step(entry.pop("step"), rule_state)
                 entry["rule_state"] = torch.cat((rule_state.float(), t))
             converted[pid] = entry
         return {**state_dict, "state": converted}

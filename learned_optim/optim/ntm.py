@@ -171,14 +171,12 @@ class NTMBFGS(LearnedRuleOptimizer):
                     entry["carried"] = rule_state[controller_rows:].float()
                     entry["rule_state"] = rule_state[:controller_rows]
                     if counted:  # the t row → a per-parameter step, as LSTMOptimizer keeps it
-                        t = rule_state[controller_rows - 1]
-                        entry["step"] = (t[0] if t.numel() else t.new_zeros(())).detach().to("cpu", torch.float32).clone()
+                        entry["step"] = self._step_of_count_row(rule_state[controller_rows - 1])
                         entry["rule_state"] = rule_state[:controller_rows - 1]
                 elif not self._split and "carried" in entry:  # and back
                     rows = [rule_state.float()]
                     if counted and "step" in entry:
-                        step = torch.as_tensor(entry.pop("step"), dtype=torch.float32)
-                        rows.append(step.to(rule_state.device).expand(1, rule_state.shape[1]))
+                        rows.append(self._count_row_of_step(entry.pop("step"), rule_state))
                     entry["rule_state"] = torch.cat((*rows, entry.pop("carried").float()))
             converted[pid] = entry
         super().load_state_dict({**state_dict, "state": converted})
