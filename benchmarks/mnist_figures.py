@@ -18,7 +18,8 @@ minibatch streams). Final loss = mean of the last 10 minibatch losses; median an
 
 Usage: ``python benchmarks/mnist_figures.py --data ../shared/data --out results/mnist --plot``
 (``--weights NAME[,NAME…]`` picks shipped or saved weights, each run as its own optimizer and
-checked against the targets; default: LSTMOptimizer's default).
+checked against the targets; a name is LSTMOptimizer's weights, or ``KIND:WEIGHTS`` as in the
+suite, e.g. ``ntm-bfgs:ntm-bfgs-suite`` for NTMBFGS; default: LSTMOptimizer's default).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from learned_optim import LSTMOptimizer
 from learned_optim.benchmark import OptimizerSpec, baselines, format_table, plot_median_band, quantile, run_benchmark
 from learned_optim.optim.lstm import DEFAULT_WEIGHTS
+from learned_optim.suite import is_learned, learned_spec
 from learned_optim.tasks import get_family
 
 SETTINGS = {  # name: (family kwargs, steps)
@@ -108,6 +109,20 @@ def plot(results, learned: Sequence[str], path: Path) -> None:
     plt.close(fig)
 
 
+def learned_optimizers(names: Iterable[str]) -> dict[str, tuple[OptimizerSpec, dict]]:
+    """The learned optimizers to run, by report name ("lstm-gac (NAME)", "ntm-bfgs (NAME)"): each
+    entry is LSTMOptimizer's weights, or ``KIND:WEIGHTS`` (``ntm-bfgs:ntm-bfgs-suite``), at its
+    default settings (lr 1), with its weights' metadata."""
+    chosen = {}
+    for entry in names:
+        kind, weights = entry.split(":", 1) if is_learned(entry) else ("lstm-gac", entry)
+        spec = learned_spec(f"{kind}:{weights}")
+        probe = spec.factory([torch.zeros(1, requires_grad=True)], 1.0, None)
+        name = f"{kind} ({probe.weights_metadata.get('name') or weights})"
+        chosen[name] = (OptimizerSpec(name, spec.factory, (1.0,)), probe.weights_metadata)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="directory holding mnist/ (default: $LEARNED_OPTIM_DATA)")
@@ -124,13 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {name: (get_family("mnist-mlp", root=args.data, part="held-out", **SETTINGS[name][0]), SETTINGS[name][1])
              for name in chosen}
     specs = dict(baselines())
-    learned, metadata = [], {}
-    for weights in (w.strip() for w in args.weights.split(",") if w.strip()):
-        probe = LSTMOptimizer([torch.zeros(1, requires_grad=True)], weights=weights)
-        name = f"lstm-gac ({probe.weights_metadata.get('name') or weights})"
-        learned.append(name)
-        metadata[name] = probe.weights_metadata
-        specs[name] = OptimizerSpec(name, lambda p, lr, t, w=weights: LSTMOptimizer(p, weights=w, lr=lr), (1.0,))
+    mine = learned_optimizers(w.strip() for w in args.weights.split(",") if w.strip())
+    learned = list(mine)
+    metadata = {name: meta for name, (_, meta) in mine.items()}
+    specs.update({name: spec for name, (spec, _) in mine.items()})
     start = time.perf_counter()
     results = run_benchmark(tasks, specs, eval_seeds=range(args.seeds), tune_seeds=(10_000, 10_001, 10_002),
                             jobs=args.jobs, log=print)

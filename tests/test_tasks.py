@@ -318,6 +318,17 @@ def test_suite_mix_names_a_missing_component(mnist_dir):
     assert len(mix.components) == 3  # the GRU and both convnets (with and without batch norm)
 
 
+def test_suite_mix_takes_extra_families(mnist_dir):
+    mix = get_family("suite-mix", root=mnist_dir, components=["text-gru"], extra=["quadratic", ["quadratic", {"dim": 3}]])
+    assert [c.name for c in mix.components][1:] == ["quadratic", "quadratic"]
+    assert mix.components[2].dim == 3
+    seed = next(s for s in range(100) if mix.choose(s) == 2)  # a seed that draws the 3-D quadratic
+    task = mix.sample(seed)
+    torch.testing.assert_close(task.init_params()[0], get_family("quadratic", dim=3).sample(seed).init_params()[0])
+    with pytest.raises(ValueError, match=r"a family name or \[name, kwargs\]"):
+        get_family("suite-mix", root=mnist_dir, extra=[["quadratic"]])
+
+
 def test_a_reparametrized_task_is_the_same_problem_in_other_units():
     from learned_optim.tasks import random_scales, reparametrized
 

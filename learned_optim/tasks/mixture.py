@@ -72,9 +72,13 @@ SUITE_MIX_COMPONENTS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 @register_family("suite-mix")
 def suite_mix(root: str | os.PathLike | None = None, part: str = "meta-train",
-              components: Sequence[str] | None = None) -> MixtureFamily:
+              components: Sequence[str] | None = None,
+              extra: Sequence[str | Sequence[Any]] = ()) -> MixtureFamily:
     """The suite's families mixed (MNIST ones read ``root``), on their ``part`` of the data;
-    ``components`` picks some by index or family name (default: all of SUITE_MIX_COMPONENTS)."""
+    ``components`` picks some by index or family name (default: all of SUITE_MIX_COMPONENTS).
+    ``extra`` adds registered families as further components, each a name or [name, kwargs]
+    (e.g. ``["quadratic"]``: the paper's quadratics beside the nets; they take no ``part``:
+    held-out draws are other seeds)."""
     chosen = list(SUITE_MIX_COMPONENTS)
     if components is not None:
         picked = []
@@ -87,8 +91,18 @@ def suite_mix(root: str | os.PathLike | None = None, part: str = "meta-train",
         chosen = picked
     families = []
     for family, kwargs in chosen:
-        extra: dict[str, Any] = {"part": part}
+        data: dict[str, Any] = {"part": part}
         if family.startswith("mnist"):
-            extra["root"] = root
-        families.append(get_family(family, **kwargs, **extra))
+            data["root"] = root
+        families.append(get_family(family, **kwargs, **data))
+    for item in extra:
+        name, kwargs = (item, {}) if isinstance(item, str) else _named_family(item)
+        families.append(get_family(name, **kwargs))
     return MixtureFamily(families, name="suite-mix")
+
+
+def _named_family(item: Sequence[Any]) -> tuple[str, dict[str, Any]]:
+    """An ``extra`` component given as [name, kwargs]."""
+    if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], dict):
+        raise ValueError(f"a suite-mix extra component is a family name or [name, kwargs], got {item!r}")
+    return item[0], item[1]
