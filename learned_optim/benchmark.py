@@ -9,6 +9,7 @@ Tables give the median and the interquartile range over seeds.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import multiprocessing
@@ -78,15 +79,22 @@ def baselines() -> dict[str, OptimizerSpec]:
 
 
 def package_optimizers(names: Iterable[str] | None = None) -> dict[str, OptimizerSpec]:
-    """Registered optimizers; those that take ``batch_size`` get the task's batch size."""
+    """Registered optimizers; those that take ``batch_size`` get the task's batch size.
+    ``NAME:WEIGHTS`` runs a learned optimizer with other weights (a shipped name or a path),
+    e.g. ``"ntm-bfgs:ntm-bfgs-mnist"``."""
     specs = {}
     for name in names if names is not None else registry.available():
-        entry = registry.info(name)
+        base, _, weights = name.partition(":")
+        entry = registry.info(base)
+        if weights and "weights" not in inspect.signature(entry.cls).parameters:
+            raise ValueError(f"{base!r} takes no weights, so {name!r} names nothing")
 
-        def factory(params, lr, task, entry=entry):
+        def factory(params, lr, task, entry=entry, weights=weights):
             kwargs = {"batch_size": task.batch_size} if entry.uses_batch_size else {}
             if entry.benchmark_kwargs is not None:
                 kwargs.update(entry.benchmark_kwargs(task.batch_size))
+            if weights:
+                kwargs["weights"] = weights
             return entry.cls(params, lr=lr, **kwargs)
 
         grid = entry.lr_grid if entry.lr_grid is not None else half_decade_grid()

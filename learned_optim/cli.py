@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser("benchmark", help="benchmark optimizers against tuned torch.optim baselines")
     p_bench.add_argument("--tasks", default="quadratic,rosenbrock,noisy-least-squares,mlp",
                          help="comma-separated task families (mnist-mlp needs --data or $LEARNED_OPTIM_DATA)")
-    p_bench.add_argument("--optimizers", default="all", help="comma-separated names, or 'all'")
+    p_bench.add_argument("--optimizers", default="all", help="comma-separated names, or 'all'; a learned optimizer may name its weights, e.g. ntm-bfgs:ntm-bfgs-mnist")
     p_bench.add_argument("--steps", type=int, default=None, help="steps per run (default: per task)")
     p_bench.add_argument("--seeds", type=int, default=10, help="evaluation seeds")
     p_bench.add_argument("--tune-seeds", type=int, default=3, help="seeds for the learning-rate search")

@@ -12,6 +12,7 @@ import torch
 
 from learned_optim import benchmark
 from learned_optim.cli import main
+from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 from learned_optim.tasks import get_family
 
 
@@ -46,6 +47,20 @@ def test_package_optimizers_get_the_tasks_batch_size_and_matched_momentum():
     opt = spec.factory(task.init_params(), 0.01, task)
     assert opt.param_groups[0]["batch_size"] == 64
     assert opt.derived_hyperparameters()["momentum"] == pytest.approx(0.9)
+
+
+def test_package_optimizers_run_a_learned_optimizer_with_named_weights():
+    specs = benchmark.package_optimizers(["ntm-bfgs", "ntm-bfgs:ntm-bfgs-mnist", "lstm-gac:quadratic"])
+    task = get_family("quadratic").sample(0)
+    made = {name: spec.factory(task.init_params(), 1.0, task) for name, spec in specs.items()}
+    assert made["ntm-bfgs"].weights_metadata["name"] == NTM_DEFAULT_WEIGHTS
+    assert made["ntm-bfgs:ntm-bfgs-mnist"].weights_metadata["name"] == "ntm-bfgs-mnist"
+    assert made["lstm-gac:quadratic"].weights_metadata["name"] == "quadratic"
+    assert specs["ntm-bfgs:ntm-bfgs-mnist"].lr_grid == (1.0,)
+    with pytest.raises(KeyError, match="no optimizer named 'sgd-like'"):
+        benchmark.package_optimizers(["sgd-like:mnist"])
+    with pytest.raises(ValueError, match="'conjugate-adam' takes no weights"):
+        benchmark.package_optimizers(["conjugate-adam:mnist"])
 
 
 def _tiny(jobs: int):
