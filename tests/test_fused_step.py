@@ -44,6 +44,9 @@ def _rules() -> dict[str, LSTMGACRule]:
         for p in no_absolute.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.2)
     rules["no-absolute-step-time-features"] = no_absolute
+    clipped = LSTMGACRule(LSTMGACConfig(**{**no_absolute.config.to_dict(), "direction_clip": 0.3}))
+    clipped.load_state_dict(no_absolute.state_dict())  # clamps that bite: the random gradients make |d_j| > 0.3
+    rules["direction-clip"] = clipped
     return rules
 
 

@@ -141,6 +141,9 @@ def test_segments_from_ids_match_consecutive_sizes():
         ({"momentum_decays": (0.9,), "momentum_rms_decay": 1.0}, "momentum_rms_decay"),
         ({"momentum_rms_decay": 0.99}, "momentum_rms_decay needs momentum_decays"),
         ({"momentum_decays": (0.5, 0.999), "momentum_rms_decay": 0.99}, r"square of every momentum decay.*0\.999"),
+        ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "direction_clip": 0.0}, "direction_clip"),
+        ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "direction_clip": True}, "direction_clip"),
+        ({"momentum_decays": (0.9,), "direction_clip": 1.0}, "direction_clip needs momentum_rms_decay"),
     ],
 )
 def test_bad_configs_are_refused_by_name(kwargs, name):
@@ -283,6 +286,8 @@ STEP_CONFIGS = [
     dict(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.99),  # the shipped weights' architecture
     dict(momentum_decays=(0.9,), gac_scope="group", num_layers=3, hidden_size=7, gac_cells=3),
     dict(extra_inputs=2, gac_cells=0),  # NTM-BFGS's controller shape, no averaging cells
+    dict(momentum_decays=(0.5, 0.9), momentum_rms_decay=0.99, input_features="normalized", bias_correction=True,
+         step_timescales=(3.0,), direction_clip=0.5),  # clamped directions (the random v makes many |d_j| > 0.5)
 ]
 
 
@@ -456,6 +461,34 @@ def test_a_fresh_bias_corrected_normalized_rule_is_adam_at_lr_0_01():
     with pytest.raises(ValueError, match="bias_correction needs momentum_rms_decay"):
         LSTMGACConfig(momentum_decays=(0.9,), bias_correction=True)
 
+
+
+def test_clipped_directions_are_adams_step_clamped_by_hand():
+    """direction_clip c = 1 on a fresh bias-corrected rule (Adam at lr 0.01 on d_0.9): while the
+    gradient is steady the clamp never bites and the steps are Adam's; after 300 quiet steps a
+    gradient 1000× larger makes Adam's m̂/√v̂ about 1.6 (its step 0.016), the clipped rule steps
+    exactly 0.01·c, in the differentiable and the in-place step."""
+    config = LSTMGACConfig(bias_correction=True, direction_clip=1.0, **NORMALIZED)
+    rule = LSTMGACRule(config, seed=0)
+    reference = torch.nn.Parameter(torch.zeros(3))
+    adam = torch.optim.Adam([reference], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    state, flat, out = rule.init_state(3), rule.init_state(3), torch.empty(3)
+    segments = Segments.single(3)
+    quiet, spike = torch.tensor([1e-3, -1e-3, 2e-3]), torch.tensor([1.0, -1.0, 0.0])
+    for t in range(301):
+        grad = quiet if t < 300 else spike
+        before = reference.detach().clone()
+        reference.grad = grad.clone()
+        adam.step()
+        update, state = rule(grad, state, segments)
+        rule.step_(grad.clone(), flat, segments, out, sigmoid_tanh=False)
+        torch.testing.assert_close(out, update.detach(), rtol=1e-5, atol=1e-9)
+        adam_step = reference.detach() - before
+        if t < 300:
+            torch.testing.assert_close(update.detach(), adam_step, rtol=1e-4, atol=1e-8)
+    assert adam_step[0] < -0.015 and adam_step[1] > 0.015  # Adam's d_0.9 is about ±1.6 there
+    torch.testing.assert_close(update.detach()[:2], torch.tensor([-0.01, 0.01]), rtol=1e-6, atol=0)
+    assert abs(float(update.detach()[2])) < 0.01  # coordinate 2's gradient vanished: its d_0.9 shrinks, unclamped
 
 
 def test_without_the_absolute_step_the_rule_is_its_direction_terms_alone():

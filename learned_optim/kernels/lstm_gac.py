@@ -108,12 +108,16 @@ def _rms(v, t, beta2, BIAS_CORRECTION: tl.constexpr):
 
 
 @triton.jit
-def _direction(m, beta, t, rms, BIAS_CORRECTION: tl.constexpr):
-    """d_j = (1 − β_j)·m_j / (1 − β_jᵗ) / (√v̂ + ε), Adam's direction for one momentum sum."""
+def _direction(m, beta, t, rms, clip, BIAS_CORRECTION: tl.constexpr, CLIP: tl.constexpr):
+    """d_j = (1 − β_j)·m_j / (1 − β_jᵗ) / (√v̂ + ε), Adam's direction for one momentum sum,
+    clamped to [−clip, clip] with the rule's ``direction_clip``."""
     average = m * (1.0 - beta)
     if BIAS_CORRECTION:
         average = average / (1.0 - tl.exp2(t * tl.log2(beta)))
-    return average / rms
+    d = average / rms
+    if CLIP:
+        d = tl.minimum(tl.maximum(d, -clip), clip)
+    return d
 
 
 @triton.jit
@@ -164,12 +168,12 @@ def _layer_kernel(
     starts_ptr, stops_ptr, scopes_ptr,
     h_ptr, c_ptr, stride_lstm,  # this layer's h and c rows
     x_ptr, x_means_ptr, num_scopes,  # layer > 0: the previous layer's h and its GAC means (K, count)
-    grad_ptr, m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2, p,  # layer 0: the signals
+    grad_ptr, m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2, clip, p,  # layer 0: the signals
     inverse_timescales_ptr, extra_ptr, stride_extra,
     wx_ptr, wh_ptr, b_ptr, partial_ptr,
     FIRST: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, LOG_SIGN: tl.constexpr, T: tl.constexpr,
-    E: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CLIP: tl.constexpr, LOG_SIGN: tl.constexpr,
+    T: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
@@ -212,7 +216,7 @@ def _layer_kernel(
                 gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, 1 + j, log_f, hr, H_PAD)
                 gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, 2 + M + j, sign_f, hr, H_PAD)
             else:
-                d = _direction(m, beta, t, rms, BIAS_CORRECTION)
+                d = _direction(m, beta, t, rms, clip, BIAS_CORRECTION, CLIP)
                 gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, 1 + j, d, hr, H_PAD)
         for k in tl.static_range(T):  # time features tanh(t/τ_k), after the signals' features
             time_k = _tanh(t * tl.load(inverse_timescales_ptr + k))
@@ -241,10 +245,10 @@ def _layer_kernel(
 def _output_kernel(
     starts_ptr, stops_ptr, scopes_ptr,
     top_ptr, stride_lstm, means_ptr, num_scopes,
-    m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2,
+    m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2, clip,
     w_ptr, output_bias, output_scale, u_ptr, u_bias_ptr, out_ptr,
     H: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
+    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
@@ -261,7 +265,7 @@ def _output_kernel(
         for j in tl.static_range(M):
             m = tl.load(m_ptr + j * stride_m + cols, mask=valid, other=0.0).to(tl.float32)
             if RMS:
-                m = _direction(m, tl.load(betas_ptr + j), t, rms, BIAS_CORRECTION)
+                m = _direction(m, tl.load(betas_ptr + j), t, rms, clip, BIAS_CORRECTION, CLIP)
             step = tl.sum(tl.load(u_ptr + j * H_PAD + hr)[:, None] * top, axis=0) + tl.load(u_bias_ptr + j)
             update += step * m
     tl.store(out_ptr + cols, _to_storage(update, out_ptr), mask=valid)
@@ -410,6 +414,7 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
         raise ValueError("the fused step needs rows of contiguous coordinates")
     rms, bias_correction = cfg.momentum_rms_decay is not None, cfg.bias_correction
     beta2 = float(cfg.momentum_rms_decay) if cfg.momentum_rms_decay is not None else 0.5
+    clip = float(cfg.direction_clip) if cfg.direction_clip is not None else 1.0  # (a placeholder unless CLIP)
     placeholder = grad  # pointers the kernel's constexpr flags leave unused
     v_row = v if v is not None else placeholder
     t_row = t if t is not None else placeholder
@@ -425,11 +430,11 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
             table.starts, table.stops, table.scopes,
             h, c, stride,
             x, means, segments.count,
-            grad, m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2, float(cfg.preprocess_p),
+            grad, m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2, clip, float(cfg.preprocess_p),
             phi.inverse_timescales, extra_rows, extra_rows.stride(0),
             phi.wx[layer], phi.wh[layer], phi.b[layer], partial,
             FIRST=layer == 0, H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction,
-            LOG_SIGN=cfg.input_features == "log-sign", T=len(cfg.step_timescales), E=E, BLOCK=block,
+            CLIP=cfg.direction_clip is not None, LOG_SIGN=cfg.input_features == "log-sign", T=len(cfg.step_timescales), E=E, BLOCK=block,
             PRECISION=precision,
         )
         if K:
@@ -438,9 +443,10 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
     _output_kernel[grid](
         table.starts, table.stops, table.scopes,
         top, stride, means, segments.count,
-        m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2,
+        m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2, clip,
         phi.w_out, phi.b_out, float(cfg.output_scale), phi.u, phi.u_bias, out,
-        H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction, BLOCK=block,
+        H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction,
+        CLIP=cfg.direction_clip is not None, BLOCK=block,
     )
     return top
 

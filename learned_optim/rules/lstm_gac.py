@@ -36,6 +36,13 @@ drop-in optimizer does not know the total, so these saturate instead), with whic
 act differently late in training than early, and past its meta-training horizon sees the
 saturated values it was trained on rather than new ones.
 
+With ``direction_clip`` (c) every d_j is clamped to [−c, c] per coordinate, in the inputs and the
+output. Adam's step is only approximately bounded by its lr (Kingma & Ba 2015, §2.1): while the
+gradients are stationary |E m̂| ≤ √(E ∇²) (Jensen), so c = 1 seldom bites, but after a quiet
+stretch (v decayed) a larger gradient makes |d_j| up to the bound above, and long runs spike from
+near-converged losses. The clamp makes the bound exact: the step on d_j is at most c times its
+learned step size.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere: the in-place step of the
@@ -234,12 +241,15 @@ class LSTMGACRule(InPlaceStep, nn.Module):
 
     def directions(self, momentum: Tensor, second_moment: Tensor) -> Tensor:
         """The normalized momentum directions d_j = m̂_j/(√v̂ + ε) (M, n), Adam's step direction:
-        m̂_j = (1−β_j)·m_j, divided by 1 − β_jᵗ with bias correction (then v̂ likewise)."""
+        m̂_j = (1−β_j)·m_j, divided by 1 − β_jᵗ with bias correction (then v̂ likewise), clamped
+        to [−c, c] with ``direction_clip`` c."""
         beta, one_minus = self._momentum_decays(momentum)
         averages = momentum * one_minus
         if self.config.bias_correction:
             averages = averages / (1 - torch.pow(beta, second_moment[1:2]))
-        return averages / self._rms(second_moment)
+        directions = averages / self._rms(second_moment)
+        clip = self.config.direction_clip
+        return directions if clip is None else directions.clamp(-clip, clip)
 
     def _check_extra(self, extra: Tensor | None) -> None:
         rows = 0 if extra is None else extra.shape[0]

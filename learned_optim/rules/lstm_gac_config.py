@@ -63,6 +63,10 @@ class LSTMGACConfig:
     step_timescales: tuple[float, ...] = ()  # τ_k: the LSTM also reads tanh(t/τ_k) of the step count t
     # (needs bias_correction, which keeps t): bounded time features, so the rule can tell late
     # training from early and, past its meta-training horizon, sees the saturated values it knows
+    direction_clip: float | None = None  # c: each normalized direction d_j clamped to [−c, c] per coordinate
+    # (inputs and output; None: not clamped). Kingma & Ba's |Δ| ≲ α bound of Adam made exact: in steady
+    # training |E m̂| ≤ √(E ∇²) and c = 1 seldom bites, while after a quiet stretch a sudden gradient makes
+    # d up to (1−β)/√((1−β₂)(1−β²/β₂)) (18 for β = 0.5), the loss spikes of long runs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -91,6 +95,13 @@ class LSTMGACConfig:
         if not self.absolute_step and (beta2 is None or not self.momentum_decays):
             raise ValueError("absolute_step=False needs momentum_decays and momentum_rms_decay: without the "
                              "LSTM's own term the step is the learned step sizes on the normalized directions")
+        clip = self.direction_clip
+        if clip is not None:
+            if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip) or clip <= 0:
+                raise ValueError(f"direction_clip must be a finite positive number or None, got {clip!r}")
+            if beta2 is None:
+                raise ValueError("direction_clip needs momentum_rms_decay (it clamps the normalized directions)")
+            object.__setattr__(self, "direction_clip", float(clip))
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:

@@ -1,0 +1,71 @@
+"""benchmarks/set_config.py: the same tensors under a changed fixed option, with its provenance."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_optim import NTMBFGS, LSTMOptimizer
+from learned_optim.rules import load_rule
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("set_config", ROOT / "benchmarks" / "set_config.py")
+set_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(set_config)
+
+
+def _spike_step(optimizer_class, weights) -> torch.Tensor:
+    """The move of the last of 301 steps: 300 quiet gradients (1e-3), then one 1000× larger."""
+    theta = torch.zeros(4, requires_grad=True)
+    opt = optimizer_class([theta], weights=weights)
+    for t in range(301):
+        before = theta.detach().clone()
+        theta.grad = torch.full((4,), 1e-3 if t < 300 else 1.0)
+        opt.step()
+    return theta.detach() - before
+
+
+@pytest.mark.parametrize(("optimizer_class", "source", "field"), [
+    (LSTMOptimizer, "suite-time-half", "direction_clip"),
+    (NTMBFGS, "ntm-bfgs-suite", "controller.direction_clip"),
+])
+def test_set_config_keeps_the_tensors_changes_the_option_and_records_both(tmp_path, optimizer_class, source, field):
+    out = tmp_path / "clipped"
+    assert set_config.main(["--weights", source, "--set", f"{field}=0.5", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    original = json.loads((ROOT / "pretrained" / f"{source}.json").read_text())
+    assert meta["tensors_sha256"] == original["tensors_sha256"]
+    config = meta["config"]["controller"] if "controller" in field else meta["config"]
+    assert config["direction_clip"] == 0.5
+    record = meta["set_config"]
+    assert record["changes"] == {field: 0.5} and "benchmarks/set_config.py" in record["command"]
+    assert record["source"]["command"] == original["command"]  # the meta-training command that made φ
+    rule, _ = load_rule(out)
+    clipped = {k: v for k, v in rule.state_dict().items()}
+    for name, tensor in load_rule(source)[0].state_dict().items():
+        assert torch.equal(clipped[name], tensor)
+    # the option is in force: after a quiet stretch the spike's move is smaller than the source's
+    assert _spike_step(optimizer_class, str(out)).abs().max() < _spike_step(optimizer_class, source).abs().max()
+
+
+@pytest.mark.parametrize(("assignment", "message"), [
+    ("hidden_size=10", "can change only direction_clip"),
+    ("memory.direction_clip=1", "can change only"),
+    ("direction_clip", "FIELD=VALUE"),
+    ("direction_clip=one", "must be JSON"),
+])
+def test_set_config_refuses_what_it_cannot_change_by_name(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        set_config.parse_assignment(assignment)
+
+
+def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, capsys):
+    from learned_optim.rules.weights import WeightsError
+
+    with pytest.raises(WeightsError, match="direction_clip must be a finite positive number"):
+        set_config.main(["--weights", "suite-time-half", "--set", "direction_clip=-1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x.json").exists()
