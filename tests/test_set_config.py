@@ -69,3 +69,17 @@ def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, 
     with pytest.raises(WeightsError, match="direction_clip must be a finite positive number"):
         set_config.main(["--weights", "suite-time-half", "--set", "direction_clip=-1", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_set_config_validates_source_and_result_on_held_out_tasks_when_asked(tmp_path, capsys):
+    out = tmp_path / "clipped"
+    assert set_config.main(["--weights", "suite-time-half", "--set", "direction_clip=0.2", "--out", str(out),
+                            "--validation-tasks", "2", "--family", "quadratic", "--family-kwargs", "{}",
+                            "--horizon", "30", "--threads", "1"]) == 0
+    validation = json.loads(out.with_suffix(".json").read_text())["set_config"]["validation"]
+    assert validation["tasks"] == 2 and validation["horizon"] == 30
+    source, result = validation["source"], validation["result"]
+    # a clamp at 0.2 bites from the first step (d_j = ±1 there), so the two scores differ
+    assert source["median_final_loss"] != result["median_final_loss"]
+    printed = capsys.readouterr().out
+    assert f"{source['median_final_loss']:.4g}" in printed and "direction_clip" in printed
