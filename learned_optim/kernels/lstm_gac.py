@@ -434,8 +434,8 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
             phi.inverse_timescales, extra_rows, extra_rows.stride(0),
             phi.wx[layer], phi.wh[layer], phi.b[layer], partial,
             FIRST=layer == 0, H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction,
-            CLIP=cfg.direction_clip is not None, LOG_SIGN=cfg.input_features == "log-sign", T=len(cfg.step_timescales), E=E, BLOCK=block,
-            PRECISION=precision,
+            CLIP=cfg.direction_clip is not None, LOG_SIGN=cfg.input_features == "log-sign",
+            T=len(cfg.step_timescales), E=E, BLOCK=block, PRECISION=precision,
         )
         if K:
             sums = torch.segment_reduce(partial, "sum", lengths=table.per_scope, axis=0, unsafe=True).t()
