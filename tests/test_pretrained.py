@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-time-half"
+    assert DEFAULT_WEIGHTS == "suite-clip"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-time-half", "ntm-bfgs-suite")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-clip", "ntm-bfgs-suite")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
