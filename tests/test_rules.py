@@ -462,7 +462,6 @@ def test_a_fresh_bias_corrected_normalized_rule_is_adam_at_lr_0_01():
         LSTMGACConfig(momentum_decays=(0.9,), bias_correction=True)
 
 
-
 def test_clipped_directions_are_adams_step_clamped_by_hand():
     """direction_clip c = 1 on a fresh bias-corrected rule (Adam at lr 0.01 on d_0.9): while the
     gradient is steady the clamp never bites and the steps are Adam's; after 300 quiet steps a
