@@ -488,6 +488,9 @@ def test_clipped_directions_are_adams_step_clamped_by_hand():
     assert adam_step[0] < -0.015 and adam_step[1] > 0.015  # Adam's d_0.9 is about ±1.6 there
     torch.testing.assert_close(update.detach()[:2], torch.tensor([-0.01, 0.01]), rtol=1e-6, atol=0)
     assert abs(float(update.detach()[2])) < 0.01  # coordinate 2's gradient vanished: its d_0.9 shrinks, unclamped
+    # the clamp is in the meta-trainer's graph: ∂(g₀ − g₁)/∂c_0.9 = d₀ − d₁ = 1 − (−1), the clamped values
+    (bias_grad,) = torch.autograd.grad(update[0] - update[1], [rule.momentum_bias])
+    assert float(bias_grad[1]) == pytest.approx(2.0, abs=1e-6)
 
 
 def test_without_the_absolute_step_the_rule_is_its_direction_terms_alone():

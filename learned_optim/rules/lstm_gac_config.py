@@ -65,7 +65,8 @@ class LSTMGACConfig:
     # training from early and, past its meta-training horizon, sees the saturated values it knows
     direction_clip: float | None = None  # c: each normalized direction d_j clamped to [−c, c] per coordinate
     # (inputs and output; None: not clamped). Kingma & Ba's |Δ| ≲ α bound of Adam made exact: in steady
-    # training |E m̂| ≤ √(E ∇²) and c = 1 seldom bites, while after a quiet stretch a sudden gradient makes
+    # training |E m̂| ≤ √(E ∇²), but growing gradients push |d| past 1 (c = 1 cost the suite's convnets, c = 3
+    # did not), and after a quiet stretch a sudden gradient makes
     # d up to (1−β)/√((1−β₂)(1−β²/β₂)) (18 for β = 0.5), the loss spikes of long runs
 
     def __post_init__(self) -> None:
