@@ -29,7 +29,7 @@ from learned_optim.rules.weights import rule_from_config
 from learned_optim.tasks import get_family
 
 #: Config fields (of an LSTM+GAC config; ``controller.`` + field inside NTM-BFGS's) this script may set.
-SETTABLE = ("direction_clip",)
+SETTABLE = ("direction_clip", "step_decay_after")
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:

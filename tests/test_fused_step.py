@@ -47,6 +47,9 @@ def _rules() -> dict[str, LSTMGACRule]:
     clipped = LSTMGACRule(LSTMGACConfig(**{**no_absolute.config.to_dict(), "direction_clip": 0.3}))
     clipped.load_state_dict(no_absolute.state_dict())  # clamps that bite: the random gradients make |d_j| > 0.3
     rules["direction-clip"] = clipped
+    decayed = LSTMGACRule(LSTMGACConfig(**{**no_absolute.config.to_dict(), "step_decay_after": 1.0}))
+    decayed.load_state_dict(no_absolute.state_dict())  # √(1/t) from the second step on
+    rules["step-decay"] = decayed
     return rules
 
 

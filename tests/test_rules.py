@@ -144,6 +144,9 @@ def test_segments_from_ids_match_consecutive_sizes():
         ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "direction_clip": 0.0}, "direction_clip"),
         ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "direction_clip": True}, "direction_clip"),
         ({"momentum_decays": (0.9,), "direction_clip": 1.0}, "direction_clip needs momentum_rms_decay"),
+        ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "bias_correction": True, "step_decay_after": 0.5}, "step_decay_after must be"),
+        ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "bias_correction": True, "step_decay_after": True}, "step_decay_after must be"),
+        ({"momentum_decays": (0.9,), "momentum_rms_decay": 0.999, "step_decay_after": 100}, "step_decay_after needs bias_correction"),
     ],
 )
 def test_bad_configs_are_refused_by_name(kwargs, name):
@@ -287,7 +290,8 @@ STEP_CONFIGS = [
     dict(momentum_decays=(0.9,), gac_scope="group", num_layers=3, hidden_size=7, gac_cells=3),
     dict(extra_inputs=2, gac_cells=0),  # NTM-BFGS's controller shape, no averaging cells
     dict(momentum_decays=(0.5, 0.9), momentum_rms_decay=0.99, input_features="normalized", bias_correction=True,
-         step_timescales=(3.0,), direction_clip=0.5),  # clamped directions (the random v makes many |d_j| > 0.5)
+         step_timescales=(3.0,), direction_clip=0.5, step_decay_after=1.5),  # clamped directions (the random v
+    # makes many |d_j| > 0.5) and a decay that bites where the random t exceeds 1.5
 ]
 
 
@@ -491,6 +495,30 @@ def test_clipped_directions_are_adams_step_clamped_by_hand():
     # the clamp is in the meta-trainer's graph: ∂(g₀ − g₁)/∂c_0.9 = d₀ − d₁ = 1 − (−1), the clamped values
     (bias_grad,) = torch.autograd.grad(update[0] - update[1], [rule.momentum_bias])
     assert float(bias_grad[1]) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_step_decay_is_adams_step_until_t0_then_shrinks_as_one_over_root_t():
+    """step_decay_after t₀ = 4 on a fresh bias-corrected rule (Adam at lr 0.01 on d_0.9) under a
+    constant gradient, where Adam's step is 0.01 at every t: the rule's steps are exactly the
+    undecayed rule's up to t = 4, then 0.01·√(4/t) (half at t = 16), in the differentiable and
+    the in-place step, and the factor is in the meta-trainer's graph."""
+    plain = LSTMGACRule(LSTMGACConfig(bias_correction=True, **NORMALIZED), seed=0)
+    decayed = LSTMGACRule(LSTMGACConfig(bias_correction=True, step_decay_after=4, **NORMALIZED), seed=0)
+    segments, grad = Segments.single(2), torch.tensor([0.3, -2.0])
+    state, reference, flat, out = decayed.init_state(2), plain.init_state(2), decayed.init_state(2), torch.empty(2)
+    for t in range(1, 17):
+        update, state = decayed(grad, state, segments)
+        expected, reference = plain(grad, reference, segments)
+        decayed.step_(grad.clone(), flat, segments, out, sigmoid_tanh=False)
+        torch.testing.assert_close(out, update.detach(), rtol=1e-6, atol=0)
+        factor = min(1.0, (4 / t) ** 0.5)
+        if t <= 4:
+            assert torch.equal(update, expected)
+        torch.testing.assert_close(update.detach(), expected.detach() * factor, rtol=1e-6, atol=0)
+        torch.testing.assert_close(update.detach(), torch.tensor([-0.01, 0.01]) * factor, rtol=1e-5, atol=0)
+    torch.testing.assert_close(update.detach(), torch.tensor([-0.005, 0.005]), rtol=1e-5, atol=0)
+    (bias_grad,) = torch.autograd.grad(update[0], [decayed.momentum_bias])  # ∂g₀/∂c_0.9 = d₀·√(4/16) = 0.5
+    assert float(bias_grad[1]) == pytest.approx(0.5, rel=1e-5)
 
 
 def test_without_the_absolute_step_the_rule_is_its_direction_terms_alone():

@@ -245,10 +245,11 @@ def _layer_kernel(
 def _output_kernel(
     starts_ptr, stops_ptr, scopes_ptr,
     top_ptr, stride_lstm, means_ptr, num_scopes,
-    m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2, clip,
+    m_ptr, stride_m, v_ptr, t_ptr, betas_ptr, beta2, clip, decay_after,
     w_ptr, output_bias, output_scale, u_ptr, u_bias_ptr, out_ptr,
     H: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CLIP: tl.constexpr, DECAY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
@@ -268,6 +269,8 @@ def _output_kernel(
                 m = _direction(m, tl.load(betas_ptr + j), t, rms, clip, BIAS_CORRECTION, CLIP)
             step = tl.sum(tl.load(u_ptr + j * H_PAD + hr)[:, None] * top, axis=0) + tl.load(u_bias_ptr + j)
             update += step * m
+        if DECAY:  # √(t₀/max(t, t₀)), the rule's step_decay (needs bias correction's t)
+            update = update * tl.sqrt(decay_after / tl.maximum(t, decay_after))
     tl.store(out_ptr + cols, _to_storage(update, out_ptr), mask=valid)
 
 
@@ -415,6 +418,7 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
     rms, bias_correction = cfg.momentum_rms_decay is not None, cfg.bias_correction
     beta2 = float(cfg.momentum_rms_decay) if cfg.momentum_rms_decay is not None else 0.5
     clip = float(cfg.direction_clip) if cfg.direction_clip is not None else 1.0  # (a placeholder unless CLIP)
+    decay_after = float(cfg.step_decay_after) if cfg.step_decay_after is not None else 1.0  # (unless DECAY)
     placeholder = grad  # pointers the kernel's constexpr flags leave unused
     v_row = v if v is not None else placeholder
     t_row = t if t is not None else placeholder
@@ -443,10 +447,10 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
     _output_kernel[grid](
         table.starts, table.stops, table.scopes,
         top, stride, means, segments.count,
-        m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2, clip,
+        m_rows, m_rows.stride(0), v_row, t_row, phi.betas, beta2, clip, decay_after,
         phi.w_out, phi.b_out, float(cfg.output_scale), phi.u, phi.u_bias, out,
         H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction,
-        CLIP=cfg.direction_clip is not None, BLOCK=block,
+        CLIP=cfg.direction_clip is not None, DECAY=cfg.step_decay_after is not None, BLOCK=block,
     )
     return top
 

@@ -44,6 +44,11 @@ convnets, c = 3 did not), and after a quiet stretch (v decayed) a larger gradien
 the bound above, so long runs spike from near-converged losses. The clamp makes the bound exact: the step on d_j is at most c times its
 learned step size.
 
+With ``step_decay_after`` (t₀) the whole step is multiplied by √(t₀/t) past step t₀ (exactly 1
+before): the α_t = α/√t of Adam's convergence analysis (Kingma & Ba 2015, §4), applied from the end
+of the meta-training horizon, beyond which the rule was never trained. A fixed schedule, not a
+learned one; a ``torch.optim.lr_scheduler`` schedule multiplies it as it multiplies ``lr``.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere: the in-place step of the
@@ -230,7 +235,17 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         step_sizes = torch.addmm(self.momentum_bias.unsqueeze(1), self.momentum_weight.t(), top)  # (M, n)
         directions = momentum if cfg.momentum_rms_decay is None else self.directions(momentum, second_moment)
         moves = step_sizes * directions
-        return torch.sum(moves, 0, out=out) if own is None else torch.add(own, moves.sum(0), out=out)
+        update = torch.sum(moves, 0, out=out) if own is None else torch.add(own, moves.sum(0), out=out)
+        if cfg.step_decay_after is None:
+            return update
+        decay = self.step_decay(second_moment)
+        return update.mul_(decay) if out is not None else update * decay
+
+    def step_decay(self, second_moment: Tensor) -> Tensor:
+        """√(t₀/max(t, t₀)) (n,) of the advanced step counts t with ``step_decay_after`` t₀: exactly 1
+        up to t₀, then Adam's α/√t decay (Kingma & Ba 2015, §4) relative to step t₀."""
+        after = cast(float, self.config.step_decay_after)
+        return torch.sqrt(after / torch.clamp_min(second_moment[-1], after))
 
     def _rms(self, second_moment: Tensor) -> Tensor:
         """√v̂ + ε (1, n): v̂ = v, or v/(1 − β₂ᵗ) with bias correction."""

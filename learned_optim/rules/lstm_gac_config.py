@@ -68,6 +68,10 @@ class LSTMGACConfig:
     # training |E m̂| ≤ √(E ∇²), but growing gradients push |d| past 1 (c = 1 cost the suite's convnets, c = 3
     # did not), and after a quiet stretch a sudden gradient makes
     # d up to (1−β)/√((1−β₂)(1−β²/β₂)) (18 for β = 0.5), the loss spikes of long runs
+    step_decay_after: float | None = None  # t₀: past step t₀ the whole step is multiplied by √(t₀/t)
+    # (None: never). The α_t = α/√t of Adam's convergence analysis (Kingma & Ba 2015, §4), from the
+    # end of the meta-training horizon on: the rule steps as it was trained up to t₀ (exactly: the
+    # factor is 1 there) and anneals past it, where it was never trained (needs bias_correction's t)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -103,6 +107,13 @@ class LSTMGACConfig:
             if beta2 is None:
                 raise ValueError("direction_clip needs momentum_rms_decay (it clamps the normalized directions)")
             object.__setattr__(self, "direction_clip", float(clip))
+        after = self.step_decay_after
+        if after is not None:
+            if not isinstance(after, (int, float)) or isinstance(after, bool) or not math.isfinite(after) or after < 1:
+                raise ValueError(f"step_decay_after must be a finite number of steps ≥ 1 or None, got {after!r}")
+            if not self.bias_correction:
+                raise ValueError("step_decay_after needs bias_correction (its state row counts the steps t)")
+            object.__setattr__(self, "step_decay_after", float(after))
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
