@@ -13,6 +13,7 @@ from torch import nn
 
 import learned_optim
 from learned_optim import NTMBFGS, NTMBFGSConfig, NTMBFGSRule
+from learned_optim.rules import LSTMGACConfig
 from learned_optim.meta import MetaTrainConfig, MetaTrainer, TruncatedBPTT, Unroll
 from learned_optim.rules import BFGSHeads, DenseMemory, LimitedMemory, MemoryGroups
 from learned_optim.tasks import TaskStack, get_family
@@ -447,3 +448,47 @@ def test_curvature_eps_overrides_the_weights_skip_rule_in_the_optimizer():
     assert not torch.allclose(runs[0], runs[1])  # eps 0.999 skips the pairs that eps 0 writes
     with pytest.raises(ValueError, match="curvature_eps"):
         NTMBFGS([torch.nn.Parameter(torch.zeros(2))], curvature_eps=-1.0)
+
+
+def test_controller_step_decay_scales_the_whole_ntm_step():
+    """A controller with step_decay_after t₀ = 2 (and no backtracking, whose half step back is
+    the last step's): the first two steps are exactly the undecayed rule's; the third, from the
+    same state, is √(2/3) times its whole step (the controller's and the memory's), in forward
+    and in step_ with the step counts in the state and held apart."""
+    controller = dict(momentum_decays=(0.5, 0.9), momentum_rms_decay=0.999, input_features="normalized",
+                      bias_correction=True, extra_inputs=2)
+    plain = NTMBFGSRule(NTMBFGSConfig(controller=LSTMGACConfig(**controller), memory="dense", backtrack=False),
+                        seed=3).double()
+    decayed = NTMBFGSRule(NTMBFGSConfig(controller=LSTMGACConfig(step_decay_after=2, **controller), memory="dense",
+                                        backtrack=False), seed=3).double()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=F64))
+    decayed.load_state_dict(plain.state_dict())
+    layout = plain.segments([20, 9])
+    state = plain.init_state(29, segments=layout)
+    in_place = tuple(s.clone() for s in state)
+    rows = decayed.config.controller.state_rows
+    apart = (in_place[0][:rows - 1].clone(), in_place[1].clone())
+    carried, count = in_place[0][rows:].clone(), in_place[0][rows - 1].clone()
+    for t in range(1, 4):
+        grad = torch.randn(29, generator=gen, dtype=F64)
+        with torch.no_grad():
+            expected, next_state = plain(grad, state, layout)
+            update, _ = decayed(grad, state, layout)
+        factor = min(1.0, (2 / t) ** 0.5)
+        torch.testing.assert_close(update, expected * factor, rtol=1e-12, atol=1e-15)
+        assert factor == 1.0 or not torch.allclose(update, expected)
+        out, out_apart = torch.empty_like(grad), torch.empty_like(grad)
+        memory = decayed.step_(grad, in_place, layout, out)
+        in_place = (in_place[0], memory)
+        memory_apart = decayed.step_(grad, apart, layout, out_apart, carried=carried, count=count)
+        apart = (apart[0], memory_apart)
+        torch.testing.assert_close(out, update, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out_apart, update, rtol=1e-10, atol=1e-12)
+        state = next_state  # both rules from the plain trajectory: the decay is the only difference
+        if t < 3:
+            in_place = tuple(s.clone() for s in state)
+            apart = (state[0][:rows - 1].clone(), state[1].clone())
+            carried, count = state[0][rows:].clone(), state[0][rows - 1].clone()

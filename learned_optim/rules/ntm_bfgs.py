@@ -44,6 +44,10 @@ matrix and can be indefinite. The shipped limited-memory weights then followed u
 on Rosenbrock to losses of 1e17–1e25 (issue 15). Where neither test fires, the rule computes
 exactly what it computes without them.
 
+With the controller's ``step_decay_after`` t₀ (an LSTM+GAC option) the whole step decays past
+t₀: the controller scales its own u_t by √(t₀/t), and the memory's step −i_t is scaled alike (the
+read i_t is carried unscaled; the step s_t written to memory is the one taken).
+
 The memory is dense (n × n) or limited (the K most recent write pairs), chosen by size
 (:mod:`~learned_optim.rules.ntm_memory`). Head outputs can be replaced by hand
 (:class:`BFGSHeads` is textbook BFGS; the tests drive L-BFGS through the same rule), which
@@ -342,7 +346,8 @@ class NTMBFGSRule(nn.Module):
             memory_state, carried = memory_state.detach(), carried.detach()
         extra = self._controller_extra(carried)
         controller_update, new_controller, top = self.controller.step(grad, controller_state, segments.gac, extra)
-        update, new_carried, memory_state = self._heads(grad, top, controller_update, carried, memory_state, segments)
+        update, new_carried, memory_state = self._heads(grad, top, controller_update, carried, memory_state, segments,
+                                                        self._step_decay(new_controller[-1:]))
         return update, (torch.cat((new_controller, new_carried)), memory_state)
 
     @torch.no_grad()
@@ -381,7 +386,8 @@ class NTMBFGSRule(nn.Module):
         top = self.controller.step_(grad, controller_state, segments.gac, out, extra, chunk=chunk, sigmoid_tanh=False,
                                     fused=fused, count=count)
         top = top.to(self.dtype)  # the heads read h in float32 (a copy where the state is bfloat16)
-        update, new_carried, memory_state = self._heads(grad, top, out.clone(), carried, memory_state, segments)
+        decay = self._step_decay(controller_state[-1:] if count is None else count.unsqueeze(0))
+        update, new_carried, memory_state = self._heads(grad, top, out.clone(), carried, memory_state, segments, decay)
         carried.copy_(new_carried)
         out.copy_(update)
         return memory_state
@@ -395,14 +401,23 @@ class NTMBFGSRule(nn.Module):
         layout.memory.check_state(memory_state, layout.groups.width, layout.groups.count)
         return coords, memory_state
 
+    def _step_decay(self, count: Tensor) -> Tensor | None:
+        """The controller's ``step_decay_after`` factor √(t₀/max(t, t₀)) (N,) from its advanced step
+        counts ``count`` (1, N), or None without it: it scales the memory's step as the
+        controller's own (which the controller has already scaled), so the whole step decays."""
+        if self.config.controller.step_decay_after is None:
+            return None
+        return self.controller.step_decay(count.to(self.dtype))
+
     def _controller_extra(self, carried: Tensor) -> Tensor:
         """The controller's extra inputs: the preprocessed last read i_{t−1} (2, N)."""
         return log_sign_preprocess(carried.unbind(0)[-1], self.config.controller.preprocess_p)
 
     def _heads(self, grad: Tensor, top: Tensor, controller_update: Tensor, carried: Tensor, memory_state: Tensor,
-               layout: NTMLayout) -> tuple[Tensor, Tensor, Tensor]:
+               layout: NTMLayout, decay: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Read and write heads on the memory, from the controller's top output and update:
-        g_t, the new carried rows (∇_t, r_t, s_t, i_t) (4, N) and the new memory."""
+        g_t, the new carried rows (∇_t, r_t, s_t, i_t) (4, N) and the new memory. ``decay`` (N,)
+        scales the memory's step −i_t (the controller's ``step_decay_after``; i_t is carried unscaled)."""
         cfg, groups, memory = self.config, layout.groups, layout.memory
         heads = cast(Heads, self.heads)  # an nn.Module attribute, typed Tensor | Module by torch
         prev_grad, prev_key, prev_step, prev_read = carried.unbind(0)
@@ -426,7 +441,7 @@ class NTMBFGSRule(nn.Module):
             # r_tᵀ·i_t < 0: the memory's step −i_t would go uphill; this step reads M₀ instead, and
             # the next step, seeing the same r_tᵀ·i_t in the carried rows, writes onto M₀
             (step_read,) = _reads_of_m0(memory, groups, groups.any(groups.dot(key, read) < 0), (key, read))
-        update = heads.output(ctx, step_read)
+        update = heads.output(ctx, step_read if decay is None else step_read * decay)
         if cfg.backtrack:
             # f(θ_t) − f(θ_{t−1}) ≈ ½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics): if the last
             # step raised f, go halfway back instead; a line search with no function values.
