@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-clip"
+    assert DEFAULT_WEIGHTS == "suite-decay"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-clip", "ntm-bfgs-suite")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-decay", "ntm-bfgs-decay")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -48,3 +48,26 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
         losses = run_seed(family, OptimizerSpec(name, lambda ps, lr, task, make=make: make(ps)), 1.0, 7, 80)
         finals[name] = final_loss(losses)
     assert finals["learned"] < finals["adam"], finals
+
+
+@pytest.mark.parametrize("default, source, read", [
+    ("suite-decay", "suite-clip", lambda config: config),
+    ("ntm-bfgs-decay", "ntm-bfgs-suite", lambda config: config["controller"]),
+])
+def test_default_weights_are_their_sources_with_the_step_decay_alone(default, source, read):
+    """The defaults add one fixed option to weights measured before them: the same tensors (the
+    hashes the loader checks), the same config but step_decay_after = 2,000 (the horizon past which
+    they anneal), so every run of up to 2,000 steps is the source's."""
+    from learned_optim import available_weights
+
+    weights = available_weights()
+    mine, theirs = weights[default], weights[source]
+    assert mine["tensors_sha256"] == theirs["tensors_sha256"]
+    assert read(mine["config"])["step_decay_after"] == 2000
+    assert read(theirs["config"]).get("step_decay_after") is None
+    from learned_optim.rules import LSTMGACConfig
+
+    def without_decay(config: dict) -> LSTMGACConfig:  # fields saved before they existed take their defaults
+        return LSTMGACConfig.from_dict(dict(read(config), step_decay_after=None))
+
+    assert without_decay(mine["config"]) == without_decay(theirs["config"])

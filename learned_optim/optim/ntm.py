@@ -39,11 +39,12 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 
-#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-suite" (limited memory), whose
-#: controller is LSTMOptimizer's default and whose heads were meta-trained on the suite's families.
+#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-decay", which is "ntm-bfgs-suite"
+#: (limited memory; controller: LSTMOptimizer's weights before their clamp, heads meta-trained on the
+#: suite's families) with the whole step annealed by √(2000/t) past step 2,000 (step_decay_after).
 #: "ntm-bfgs-mnist" (the default before it) is an MNIST-MLP specialist; "ntm-bfgs-quadratic" is far
 #: ahead on the paper's quadratics and diverges on Rosenbrock and on small MLPs.
-NTM_DEFAULT_WEIGHTS = "ntm-bfgs-suite"
+NTM_DEFAULT_WEIGHTS = "ntm-bfgs-decay"
 
 
 @register(
@@ -55,7 +56,7 @@ NTM_DEFAULT_WEIGHTS = "ntm-bfgs-suite"
 class NTMBFGS(LearnedRuleOptimizer):
     """The learned quasi-Newton optimizer NTM-BFGS; one line replaces Adam::
 
-        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-suite")
+        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-decay")
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. Each param
