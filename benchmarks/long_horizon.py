@@ -60,12 +60,13 @@ def main(argv: list[str]) -> int:
                         help="adam (the suite's tuned rate), adam-1e-3, lstm-gac[:WEIGHTS], ntm-bfgs[:WEIGHTS]")
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: FIRST .. FIRST + SEEDS − 1")
     parser.add_argument("--data", default=os.environ.get("LEARNED_OPTIM_DATA"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="results/long-horizon")
     args = parser.parse_args(argv)
-    if args.steps < 20 or args.seeds < 1:
-        parser.error("--steps must be at least 20 and --seeds at least 1")
+    if args.steps < 20 or args.seeds < 1 or args.first_seed < 0:
+        parser.error("--steps must be at least 20, --seeds at least 1 and --first-seed at least 0")
     names = [t for t in args.tasks.split(",") if t]
     optimizers = [o for o in args.optimizers.split(",") if o]
     try:
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
     _JOBS["families"] = {n: f for n, (_, f) in tasks.items()}
     _JOBS["specs"] = {(t, o): (specs[o], tuned[t][o] if suite.is_tuned(o) else specs[o].lr_grid[0])
                       for t in names for o in optimizers}
-    jobs = [(t, o, s, args.steps) for t in names for o in optimizers for s in range(args.seeds)]
+    jobs = [(t, o, s, args.steps) for t in names for o in optimizers for s in range(args.first_seed, args.first_seed + args.seeds)]
     start = time.perf_counter()
     rows = list(forked_map(run, jobs, args.jobs))
     seconds = time.perf_counter() - start
