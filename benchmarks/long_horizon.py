@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
     _JOBS["families"] = {n: f for n, (_, f) in tasks.items()}
     _JOBS["specs"] = {(t, o): (specs[o], tuned[t][o] if suite.is_tuned(o) else specs[o].lr_grid[0])
                       for t in names for o in optimizers}
-    jobs = [(t, o, s, args.steps) for t in names for o in optimizers for s in range(args.first_seed, args.first_seed + args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(t, o, s, args.steps) for t in names for o in optimizers for s in seeds]
     start = time.perf_counter()
     rows = list(forked_map(run, jobs, args.jobs))
     seconds = time.perf_counter() - start

@@ -13,9 +13,8 @@ from torch import nn
 
 import learned_optim
 from learned_optim import NTMBFGS, NTMBFGSConfig, NTMBFGSRule
-from learned_optim.rules import LSTMGACConfig
 from learned_optim.meta import MetaTrainConfig, MetaTrainer, TruncatedBPTT, Unroll
-from learned_optim.rules import BFGSHeads, DenseMemory, LimitedMemory, MemoryGroups
+from learned_optim.rules import BFGSHeads, DenseMemory, LimitedMemory, LSTMGACConfig, MemoryGroups
 from learned_optim.tasks import TaskStack, get_family
 from learned_optim.tasks.base import Task
 
