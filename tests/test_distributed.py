@@ -58,6 +58,13 @@ def _train(name: str, model: nn.Module, shard: tuple[int, int] | None = None,
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _leave_together() -> None:
+    """On success, wait for every rank before destroying the group: a rank that tears gloo down
+    while its peer is still in the last collective can abort the peer (SIGABRT, "terminate called
+    without an active exception"; seen once in CI). A failing rank skips it, so it fails, not hangs."""
+    dist.barrier()
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -67,6 +74,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             model = _model()
             results[name] = _train(name, DistributedDataParallel(model), shard=(rank, world))
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        _leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -121,6 +129,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         except ValueError as error:
             results["ntm-bfgs-error"] = str(error)
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        _leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -211,6 +220,7 @@ def _meta_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"rule": trainer.rule.state_dict(), "summary": summary,
                     "current": {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}},
                    Path(out) / f"meta{rank}.pt")
+        _leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -251,6 +261,7 @@ def _burn_in_worker(rank: int, world: int, port: int, out: str) -> None:
         summary = trainer.train()
         torch.save({"skipped": trainer.skipped, "episodes": summary["episodes"], "moved": any(
             not torch.equal(v, before[k]) for k, v in trainer.rule.state_dict().items())}, Path(out) / f"burn{rank}.pt")
+        _leave_together()
     finally:
         dist.destroy_process_group()
 
