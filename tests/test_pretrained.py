@@ -54,10 +54,10 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     ("suite-decay", "suite-clip", lambda config: config),
     ("ntm-bfgs-decay", "ntm-bfgs-suite", lambda config: config["controller"]),
 ])
-def test_default_weights_are_their_sources_with_the_step_decay_alone(default, source, read):
-    """The defaults add one fixed option to weights measured before them: the same tensors (the
-    hashes the loader checks), the same config but step_decay_after = 2,000 (the horizon past which
-    they anneal), so every run of up to 2,000 steps is the source's."""
+def test_decay_weights_are_their_sources_with_the_step_decay_alone(default, source, read):
+    """The decay weights add one fixed option to weights measured before them: the same tensors
+    (the hashes the loader checks), the same config but step_decay_after = 2,000 (the horizon past
+    which they anneal), so every run of up to 2,000 steps is the source's."""
     from learned_optim import available_weights
 
     weights = available_weights()
@@ -71,3 +71,21 @@ def test_default_weights_are_their_sources_with_the_step_decay_alone(default, so
         return LSTMGACConfig.from_dict(dict(read(config), step_decay_after=None))
 
     assert without_decay(mine["config"]) == without_decay(theirs["config"])
+
+
+def test_suite_steps_is_suite_decay_with_only_the_step_sizes_meta_trained():
+    """suite-steps was meta-trained from suite-decay with --trainable momentum_weight momentum_bias:
+    those two tensors (the u_j and c_j of the step Σ_j (u_jᵀh + c_j)·d_j) moved, every other tensor
+    and the whole config are suite-decay's, so the decay past step 2,000 and the clamp carry over."""
+    import torch
+    from safetensors.torch import load_file
+
+    from learned_optim import available_weights
+    from learned_optim.rules.weights import pretrained_dir
+
+    weights = available_weights()
+    assert weights["suite-steps"]["config"] == weights["suite-decay"]["config"]
+    mine, theirs = (load_file(pretrained_dir() / f"{name}.safetensors") for name in ("suite-steps", "suite-decay"))
+    assert mine.keys() == theirs.keys()
+    moved = {name for name in mine if not torch.equal(mine[name], theirs[name])}
+    assert moved == {"momentum_weight", "momentum_bias"}
