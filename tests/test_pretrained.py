@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-decay"
+    assert DEFAULT_WEIGHTS == "suite-steps-t500"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-decay", "ntm-bfgs-decay")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-decay")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -89,3 +89,17 @@ def test_suite_steps_is_suite_decay_with_only_the_step_sizes_meta_trained():
     assert mine.keys() == theirs.keys()
     moved = {name for name in mine if not torch.equal(mine[name], theirs[name])}
     assert moved == {"momentum_weight", "momentum_bias"}
+
+
+def test_the_default_is_suite_steps_with_the_decay_from_step_500():
+    """suite-steps-t500 (the LSTMOptimizer default) is suite-steps' tensors (the hash the loader
+    checks) with one config field changed: step_decay_after 500 instead of 2,000, so every run of
+    up to 500 steps is suite-steps' and past it the step anneals by √(500/t)."""
+    from learned_optim import available_weights
+
+    weights = available_weights()
+    mine, theirs = weights["suite-steps-t500"], weights["suite-steps"]
+    assert mine["tensors_sha256"] == theirs["tensors_sha256"]
+    assert (mine["config"]["step_decay_after"], theirs["config"]["step_decay_after"]) == (500, 2000)
+    assert dict(mine["config"], step_decay_after=None) == dict(theirs["config"], step_decay_after=None)
+    assert "learned-optim meta-train" in mine["command"] and "step_decay_after=500" in mine["command"]

@@ -30,7 +30,7 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype, rule_fingerprint
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
 #: The shipped weights LSTMOptimizer loads when none are named.
-DEFAULT_WEIGHTS = "suite-decay"
+DEFAULT_WEIGHTS = "suite-steps-t500"
 
 
 @register(
