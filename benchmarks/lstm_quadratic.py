@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -53,20 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
+                        help="also run the weights with lr (the learned step × lr) tuned over these values, as "
+                             "the baselines' lrs are: how far the step's scale, not its direction, is off")
     args = parser.parse_args(argv)
+    if args.lr_grid is not None and not all(math.isfinite(lr) and lr > 0 for lr in args.lr_grid):
+        parser.error(f"--lr-grid needs positive finite numbers, got {args.lr_grid}")
 
     probe = LSTMOptimizer([torch.zeros(1, requires_grad=True)], weights=args.weights)
     meta = probe.weights_metadata
     name = f"lstm-gac ({meta.get('name', args.weights)})"
     specs = dict(baselines())
     specs[name] = OptimizerSpec(name, lambda p, lr, t: LSTMOptimizer(p, weights=args.weights, lr=lr), (1.0,))
+    if args.lr_grid is not None:
+        tuned = f"{name}, lr tuned"
+        specs[tuned] = OptimizerSpec(tuned, lambda p, lr, t: LSTMOptimizer(p, weights=args.weights, lr=lr),
+                                     tuple(args.lr_grid))
     start = time.perf_counter()
     results = run_benchmark({"quadratic": (get_family("quadratic"), 100)}, specs,
                             eval_seeds=range(args.seeds), tune_seeds=(10_000, 10_001, 10_002), jobs=args.jobs)
     seconds = time.perf_counter() - start
     training = meta.get("meta_training", {})
     learned = next(r for r in results if r.optimizer == name)
-    best_baseline = min((r for r in results if r is not learned), key=lambda r: r.quantile(0.5))
+    best_baseline = min((r for r in results if r.optimizer in baselines()), key=lambda r: r.quantile(0.5))
     verdict = (learned.quantile(0.5) <= TARGET and learned.quantile(0.5) < best_baseline.quantile(0.5))
     lines = [
         f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv if argv is not None else __import__('sys').argv[1:])}` "
