@@ -103,3 +103,26 @@ def test_the_default_is_suite_steps_with_the_decay_from_step_500():
     assert (mine["config"]["step_decay_after"], theirs["config"]["step_decay_after"]) == (500, 2000)
     assert dict(mine["config"], step_decay_after=None) == dict(theirs["config"], step_decay_after=None)
     assert "learned-optim meta-train" in mine["command"] and "step_decay_after=500" in mine["command"]
+
+
+def test_ntm_bfgs_steps_is_ntm_bfgs_decay_clamped_with_only_the_step_sizes_meta_trained():
+    """ntm-bfgs-steps was meta-trained from ntm-bfgs-decay with the controller's clamp set
+    (direction_clip 3) and --trainable controller.momentum_weight controller.momentum_bias: those
+    two tensors moved, every other tensor (heads, memory, the controller's LSTM) and the rest of the
+    config are ntm-bfgs-decay's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from learned_optim import available_weights
+    from learned_optim.rules.weights import pretrained_dir
+
+    weights = available_weights()
+    mine, theirs = weights["ntm-bfgs-steps"], weights["ntm-bfgs-decay"]
+    assert (mine["config"]["controller"]["direction_clip"], theirs["config"]["controller"]["direction_clip"]) == (3, None)
+    mine_config = dict(mine["config"], controller=dict(mine["config"]["controller"], direction_clip=None))
+    assert mine_config == theirs["config"]
+    new, old = (load_file(pretrained_dir() / f"{name}.safetensors") for name in ("ntm-bfgs-steps", "ntm-bfgs-decay"))
+    assert new.keys() == old.keys()
+    moved = {name for name in new if not torch.equal(new[name], old[name])}
+    assert moved == {"controller.momentum_weight", "controller.momentum_bias"}
+    assert "learned-optim meta-train" in mine["command"] and "--init-weights ntm-bfgs-decay" in mine["command"]
