@@ -200,7 +200,7 @@ def _meta_trainer(args: argparse.Namespace):
         raise ValueError(f"--eval-seeds must be a positive integer, got {args.eval_seeds}")
     config = MetaTrainConfig(
         rule=args.rule, rule_config=_json_argument(args.rule_config, "--rule-config"),
-        init_weights=args.init_weights,
+        init_weights=args.init_weights, init_controller=args.init_controller,
         task=args.task, task_kwargs=task_kwargs, horizon=args.horizon, horizon_min=args.horizon_min,
         validation_horizon=args.validation_horizon, burn_in=args.burn_in, reparametrize=args.reparametrize, truncation=args.truncation,
         tasks_per_step=args.tasks_per_step, episodes=args.episodes, time_limit=args.time_limit,
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_meta.add_argument("--rule-config", default=None, help="JSON of rule config overrides")
     p_meta.add_argument("--init-weights", default=None,
                         help="start from these weights (for ntm-bfgs, LSTM+GAC weights start its controller)")
+    p_meta.add_argument("--init-controller", default=None,
+                        help="ntm-bfgs: then take the controller from these LSTM+GAC weights, keeping the heads")
     p_meta.add_argument("--task", default="quadratic",
                         help="task family to meta-train on: a registered name (learned-optim list) or "
                              "'package.module:factory', an importable TaskFamily or a callable returning one")

@@ -426,6 +426,35 @@ def test_warm_starts_take_the_weights_and_drop_only_what_the_config_turns_off(tm
                     progress=False)
 
 
+def test_init_controller_swaps_ntm_bfgs_controller_and_keeps_the_heads(tmp_path):
+    """--init-controller: the NTM-BFGS heads stay the init weights', the controller becomes the
+    LSTM+GAC weights' tensors with its two extra (memory) input rows at zero; misuse is refused."""
+    heads_from, lstm = load_rule("ntm-bfgs-steps")[0].state_dict(), load_rule("suite-steps-t500")[0]
+    ntm_config = load_rule("ntm-bfgs-steps")[1]["config"]
+    ntm_config = {**ntm_config, "controller": {**ntm_config["controller"], "step_decay_after": 500.0}}
+    base = dict(task="quadratic", tasks_per_step=2, episodes=1, device="cpu", rule="ntm-bfgs",
+                rule_config=ntm_config, init_weights="ntm-bfgs-steps")
+    rule = MetaTrainer(MetaTrainConfig(**base, init_controller="suite-steps-t500"), tmp_path / "a",
+                       progress=False, log=None).rule.state_dict()
+    assert all(torch.equal(rule[k], heads_from[k]) for k in heads_from if k.startswith("heads."))
+    theirs = lstm.state_dict()
+    for name, tensor in theirs.items():
+        mine = rule[f"controller.{name}"]
+        if name == "core.weights.0":  # rows 7:9 read the memory; the LSTM has none
+            assert torch.equal(mine[7:9], torch.zeros(2, mine.shape[1]))
+            mine = torch.cat([mine[:7], mine[9:]])
+        assert torch.equal(mine, tensor), name
+    assert not torch.equal(rule["controller.momentum_bias"], heads_from["controller.momentum_bias"])
+    with pytest.raises(ValueError, match="does not fit this controller"):  # decay 2000 vs the LSTM's 500
+        MetaTrainer(MetaTrainConfig(**{**base, "rule_config": {}}, init_controller="suite-steps-t500"),
+                    tmp_path / "b", progress=False, log=None)
+    with pytest.raises(ValueError, match="needs lstm-gac weights"):
+        MetaTrainer(MetaTrainConfig(**base, init_controller="ntm-bfgs-decay"), tmp_path / "c", progress=False, log=None)
+    with pytest.raises(ValueError, match="not 'lstm-gac'"):
+        MetaTrainer(MetaTrainConfig(task="quadratic", tasks_per_step=2, device="cpu", init_controller="suite"),
+                    tmp_path / "d", progress=False, log=None)
+
+
 def test_burn_in_draws_are_uniform_in_range_and_episodes_meta_train_after_them(tmp_path):
     with pytest.raises(ValueError, match="burn_in must be a non-negative integer"):
         _config(burn_in=-1)

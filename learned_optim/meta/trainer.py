@@ -76,6 +76,8 @@ class MetaTrainConfig:
     rule: str = "lstm-gac"
     rule_config: dict[str, Any] = field(default_factory=dict)
     init_weights: str | None = None  # start φ from these weights (NTM-BFGS: its controller from LSTM+GAC ones)
+    init_controller: str | None = None  # NTM-BFGS: then replace its controller by these LSTM+GAC weights'
+    # tensors (the heads kept from init_weights; the controller's extra input rows start at zero)
     task: str = "quadratic"
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     horizon: int = 100  # T (with horizon_min: the longest an episode draws)
@@ -164,7 +166,7 @@ class MetaTrainConfig:
 
     def training(self) -> dict[str, Any]:
         """The settings that shape φ (not where or how long it ran): a resume must match these."""
-        keep = ("rule", "rule_config", "init_weights", "task", "task_kwargs", "horizon", "horizon_min",
+        keep = ("rule", "rule_config", "init_weights", "init_controller", "task", "task_kwargs", "horizon", "horizon_min",
                 "validation_horizon", "burn_in", "reparametrize", "truncation", "tasks_per_step",
                 "meta_lr", "meta_lr_schedule", "clip_grad_norm", "gradient", "estimator", "pes_sigma", "pes_pairs", "trainable", "loss_transform", "select_by", "validate_every",
                 "validation_tasks", "validation_task_kwargs", "explode_ratio", "seed", "precision")
@@ -216,6 +218,8 @@ class MetaTrainer:
         self.rule = rule_from_config(config.rule, config.rule_config)
         if config.init_weights is not None:
             self._warm_start(config.init_weights)
+        if config.init_controller is not None:
+            self._swap_controller(config.init_controller)
         self.rule = self.rule.to(self.device)
         self.masks = trainable_masks(self.rule, config.trainable)  # checked here, before any training
         self.best_rule = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
@@ -254,6 +258,16 @@ class MetaTrainer:
             cast(Any, self.rule).load_controller(start)  # a rule method nn.Module's typing does not know
         else:
             raise ValueError(f"cannot start a {self.rule.name!r} rule from {start.name!r} weights ({weights})")
+
+    def _swap_controller(self, weights: str) -> None:
+        """NTM-BFGS's controller from LSTM+GAC ``weights``, its heads as they are (a new controller
+        for trained heads)."""
+        if not hasattr(self.rule, "load_controller"):
+            raise ValueError(f"init_controller is for a rule with a controller (ntm-bfgs), not {self.rule.name!r}")
+        start, _ = load_rule(weights)
+        if start.name != "lstm-gac":
+            raise ValueError(f"init_controller needs lstm-gac weights; {weights!r} are {start.name!r} weights")
+        cast(Any, self.rule).load_controller(start)
 
     # ------------------------------------------------------------------ checkpoints and log
 
