@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-decay")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-lstm-controller")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -126,3 +126,29 @@ def test_ntm_bfgs_steps_is_ntm_bfgs_decay_clamped_with_only_the_step_sizes_meta_
     moved = {name for name in new if not torch.equal(new[name], old[name])}
     assert moved == {"controller.momentum_weight", "controller.momentum_bias"}
     assert "learned-optim meta-train" in mine["command"] and "--init-weights ntm-bfgs-decay" in mine["command"]
+
+
+def test_ntm_bfgs_lstm_controller_is_the_lstm_default_as_controller_with_trained_heads():
+    """ntm-bfgs-lstm-controller: the controller is suite-steps-t500 (LSTMOptimizer's default) exactly,
+    tensors and config, but for its two memory-input rows; the heads and those rows were meta-trained
+    (moved from ntm-bfgs-steps', where they started)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from learned_optim import available_weights
+    from learned_optim.rules.weights import pretrained_dir
+
+    weights = available_weights()
+    mine, lstm = weights["ntm-bfgs-lstm-controller"], weights["suite-steps-t500"]
+    assert mine["config"]["controller"] == {**lstm["config"], "extra_inputs": 2}
+    ntm, controller, start = (load_file(pretrained_dir() / f"{name}.safetensors")
+                              for name in ("ntm-bfgs-lstm-controller", "suite-steps-t500", "ntm-bfgs-steps"))
+    for name, tensor in controller.items():
+        ours = ntm[f"controller.{name}"]
+        if name == "core.weights.0":  # rows 7:9 read the memory
+            assert ours[7:9].abs().sum() > 0
+            ours = torch.cat([ours[:7], ours[9:]])
+        assert torch.equal(ours, tensor), name
+    moved = {name for name in ntm if name.startswith("heads.") and not torch.equal(ntm[name], start[name])}
+    assert moved == {name for name in ntm if name.startswith("heads.")}
+    assert "--init-weights ntm-bfgs-steps --init-controller suite-steps-t500" in mine["command"]

@@ -39,12 +39,13 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 
-#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-decay", which is "ntm-bfgs-suite"
-#: (limited memory; controller: LSTMOptimizer's weights before their clamp, heads meta-trained on the
-#: suite's families) with the whole step annealed by √(2000/t) past step 2,000 (step_decay_after).
-#: "ntm-bfgs-mnist" (the default before it) is an MNIST-MLP specialist; "ntm-bfgs-quadratic" is far
-#: ahead on the paper's quadratics and diverges on Rosenbrock and on small MLPs.
-NTM_DEFAULT_WEIGHTS = "ntm-bfgs-decay"
+#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-lstm-controller", whose controller
+#: is LSTMOptimizer's default ("suite-steps-t500": clamped directions, the whole step annealed by
+#: √(500/t) past step 500) and whose memory heads were meta-trained for it on the suite's families.
+#: "ntm-bfgs-decay" (the default before it) ends lower on small MLPs but stalls on transformers;
+#: "ntm-bfgs-mnist" is an MNIST-MLP specialist; "ntm-bfgs-quadratic" is far ahead on the paper's
+#: quadratics and diverges on Rosenbrock and on small MLPs.
+NTM_DEFAULT_WEIGHTS = "ntm-bfgs-lstm-controller"
 
 
 @register(
@@ -56,7 +57,7 @@ NTM_DEFAULT_WEIGHTS = "ntm-bfgs-decay"
 class NTMBFGS(LearnedRuleOptimizer):
     """The learned quasi-Newton optimizer NTM-BFGS; one line replaces Adam::
 
-        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-decay")
+        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-lstm-controller")
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. Each param
