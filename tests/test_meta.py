@@ -250,6 +250,12 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
     assert strip(log_a) == strip(log_b)
     with pytest.raises(ValueError, match="other training settings.*meta_lr"):
         MetaTrainer(_config(episodes=6, meta_lr=0.5), tmp_path / "b", progress=False, log=None).train()
+    # a checkpoint written before an option existed resumes when the option is at its default
+    path = tmp_path / "b" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["config"] = json.dumps({k: v for k, v in json.loads(payload["config"]).items() if k != "init_controller"})
+    torch.save(payload, path)
+    assert MetaTrainer(_config(episodes=6), tmp_path / "b", progress=False, log=None).try_resume()
 
 
 @register_family("test-nan-after-5")

@@ -303,7 +303,7 @@ class MetaTrainer:
         for key, default in (("precision", "float32"), ("horizon_min", None), ("validation_horizon", None),
                              ("reparametrize", 1.0), ("validation_task_kwargs", None),
                              ("estimator", "truncated-bptt"), ("pes_sigma", 0.01), ("pes_pairs", 4),
-                             ("trainable", None), ("burn_in", 0)):
+                             ("trainable", None), ("burn_in", 0), ("init_controller", None)):
             saved.setdefault(key, default)  # a checkpoint from before the option
         if saved != json.loads(json.dumps(self.config.training())):
             diff = sorted(k for k in saved if saved.get(k) != self.config.training().get(k))
