@@ -60,21 +60,25 @@ def test_the_step_count_held_apart_is_the_same_step_in_float32():
 
 @pytest.mark.parametrize(("optimizer_class", "tolerance"), [(LSTMOptimizer, 0.05), (NTMBFGS, 0.25)])
 def test_bfloat16_state_trains_as_float32_state_does(optimizer_class, tolerance):
-    """A small regression, 60 steps: bfloat16 state ends within 5% of float32 state's loss
-    (NTM-BFGS: 25%; its memory amplifies any rounding difference, so two float32 runs that
-    differ only in summation order part too: here bfloat16 ends 16% *below* float32)."""
+    """A small regression, 60 steps: with bfloat16 state the mean loss over the run's second half
+    is within 5% of float32 state's (NTM-BFGS: 25%; its memory amplifies any rounding difference,
+    so two float32 runs that differ only in summation order part too). The mean over steps, not
+    the last loss: NTM-BFGS's default has transient loss spikes here (about 2x for a few steps),
+    which a last-step score catches at a different phase in each run."""
     def final_loss(state_dtype: torch.dtype) -> float:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
         opt = optimizer_class(model.parameters(), state_dtype=state_dtype)
         x = torch.randn(256, 10)
         y = torch.sin(x.sum(1, keepdim=True))
+        losses = []
         for _ in range(60):
             opt.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
             loss.backward()
             opt.step()
-        return loss.item()
+            losses.append(loss.item())
+        return sum(losses[30:]) / 30
 
     full, half = final_loss(torch.float32), final_loss(torch.bfloat16)
     assert full < 0.5 * 1.1  # it trained (the initial loss is about 0.5)
