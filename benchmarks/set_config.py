@@ -28,8 +28,9 @@ from learned_optim.rules import load_rule, save_rule
 from learned_optim.rules.weights import rule_from_config
 from learned_optim.tasks import get_family
 
-#: Config fields (of an LSTM+GAC config; ``controller.`` + field inside NTM-BFGS's) this script may set.
-SETTABLE = ("direction_clip", "step_decay_after")
+#: Config fields (of an LSTM+GAC config, ``controller.`` + field inside NTM-BFGS's; ``trust_ratio``
+#: of NTM-BFGS's own) this script may set.
+SETTABLE = ("direction_clip", "step_decay_after", "trust_ratio")
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:
@@ -80,8 +81,11 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         parser.error(str(error))
     rule, metadata = load_rule(args.weights)
-    config = with_config(metadata["config"], assignments)
-    new_rule = rule_from_config(metadata["rule"], config)  # the config's own checks run here
+    try:
+        config = with_config(metadata["config"], assignments)
+        new_rule = rule_from_config(metadata["rule"], config)  # the config's own checks run here
+    except ValueError as error:  # WeightsError is one: an unknown field, a value the config refuses
+        parser.error(str(error))
     new_rule.load_state_dict(rule.state_dict())  # strict: the same tensors, no more, no fewer
     command = "python benchmarks/set_config.py " + " ".join(shlex.quote(a) for a in argv)
     changes = {".".join(path): value for path, value in assignments}

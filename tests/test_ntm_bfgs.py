@@ -340,13 +340,16 @@ def test_a_short_meta_training_improves_the_validation_score(tmp_path):
 
 
 def test_config_round_trips_and_bad_configs_are_refused_by_name():
-    config = NTMBFGSConfig(memory="limited", memory_capacity=12, write_heads=4, reset_indefinite=False)
-    assert NTMBFGSConfig.from_dict(config.to_dict()) == config
+    config = NTMBFGSConfig(memory="limited", memory_capacity=12, write_heads=4, reset_indefinite=False,
+                           trust_ratio=100)
+    assert NTMBFGSConfig.from_dict(config.to_dict()) == config and config.trust_ratio == 100.0
     old = {k: v for k, v in NTMBFGSConfig().to_dict().items() if k != "reset_indefinite"}  # saved before the key
-    assert NTMBFGSConfig.from_dict(old).reset_indefinite
+    assert NTMBFGSConfig.from_dict(old).reset_indefinite and NTMBFGSConfig.from_dict(old).trust_ratio is None
     for bad, match in (({"write_heads": 0}, "write_heads"), ({"memory": "huge"}, "memory must be"),
                        ({"initial_scale": -1.0}, "initial_scale"), ({"memory_capacity": 2}, "memory_capacity"),
-                       ({"controller": {"extra_inputs": 0}}, "extra_inputs"), ({"heads": 3}, "unknown")):
+                       ({"controller": {"extra_inputs": 0}}, "extra_inputs"), ({"heads": 3}, "unknown"),
+                       ({"trust_ratio": 0}, "trust_ratio"), ({"trust_ratio": float("inf")}, "trust_ratio"),
+                       ({"trust_ratio": True}, "trust_ratio")):
         with pytest.raises(ValueError, match=match):
             NTMBFGSConfig.from_dict(bad)
 
@@ -491,3 +494,71 @@ def test_controller_step_decay_scales_the_whole_ntm_step():
             in_place = tuple(s.clone() for s in state)
             apart = (state[0][:rows - 1].clone(), state[1].clone())
             carried, count = state[0][rows:].clone(), state[0][rows - 1].clone()
+
+
+def _memory_holding(rule: NTMBFGSRule, grad: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """A limited memory whose newest pair (a, b) = (read, ∇/‖∇‖²) reads M·∇ = ``read`` (γ = 0)."""
+    memory = rule.init_state(grad.numel())[1]
+    memory[0, 0, -1], memory[0, 1, -1] = read, grad / (grad @ grad)  # group 0: (2, K, n)
+    return memory
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_trust_ratio_resets_a_memory_whose_step_outgrows_the_controllers(in_place):
+    """Hand-set memory with one pair reading M·∇ = v, at the first step (s = 0: nothing is written;
+    vᵀ∇ > 0: no indefinite reset) with the heads at their start (memory step −v): the update is
+    u − v, u the controller's step. With τ·‖u‖ < ‖v‖ the memory is reset to M₀ = 0: the update is
+    exactly u, the memory empty, the carried read 0. With τ·‖u‖ > ‖v‖ everything is exactly as
+    without the option. Forward and the drop-in's step_ agree."""
+    gen = torch.Generator().manual_seed(4)
+    base = dict(memory="limited", memory_capacity=6, initial_scale=0.0, backtrack=False)
+    grad = torch.randn(10, generator=gen, dtype=F64)
+    rules = {tau: NTMBFGSRule(NTMBFGSConfig(**base, trust_ratio=tau), seed=2).double() for tau in (None, 1.0, 1e6)}
+    layout = rules[None].segments([10])
+
+    def step(rule, memory):
+        coords = rule.init_state(10, segments=layout)[0]
+        if not in_place:
+            with torch.no_grad():
+                update, (coords, memory) = rule(grad, (coords, memory), layout)
+            return update, coords, memory
+        out = torch.empty_like(grad)
+        memory = rule.step_(grad, (coords, memory.clone()), layout, out)
+        return out, coords, memory
+
+    u = step(rules[None], rules[None].init_state(10, segments=layout)[1])[0]  # M = M₀ = 0: the controller's step alone
+    v = 50 * u.norm() * (grad + 0.1 * torch.randn(10, generator=gen, dtype=F64)) / grad.norm()
+    assert v @ grad > 0 and v.norm() > 40 * u.norm()
+    plain = step(rules[None], _memory_holding(rules[None], grad, v))
+    torch.testing.assert_close(plain[0], u - v, rtol=1e-12, atol=1e-12)  # the hand-worked update
+    torch.testing.assert_close(plain[1][-1], v, rtol=1e-12, atol=1e-12)  # carried read i_t = M·∇
+    update, coords, memory = step(rules[1.0], _memory_holding(rules[1.0], grad, v))  # ‖v‖ > 1·‖u‖
+    assert torch.equal(update, u) and not memory.any() and not coords[-1].any()
+    wide = step(rules[1e6], _memory_holding(rules[1e6], grad, v))  # ‖v‖ < 10⁶·‖u‖: no change at all
+    for mine, theirs in zip(wide, plain):
+        assert torch.equal(mine, theirs)
+
+
+def test_trust_ratio_stops_a_gradient_spike_after_tiny_curvature_from_blowing_up_the_step():
+    """How the shipped lstm-controller weights blew up late on converged MNIST MLPs: curvature
+    10⁶ times smaller than usual (a flat quadratic here) makes BFGS's M ~ 10⁶·I; the first
+    gradient of ordinary size is then multiplied by it. Without the trust region the step
+    that follows is over 10⁴ long; with the default weights (τ = 1000) it stays below 10."""
+    from dataclasses import replace
+
+    from learned_optim.rules import load_rule
+
+    without = load_rule("ntm-bfgs-lstm-controller")[0]  # the same tensors, no trust region
+    without.config = replace(without.config, trust_ratio=None)
+    steps = {}
+    for name, rule in (("without", without), ("default", None)):
+        x = torch.nn.Parameter(torch.randn(200, generator=torch.Generator().manual_seed(0)))
+        opt = NTMBFGS([x]) if rule is None else NTMBFGS([x], weights=rule)
+        curvature = torch.linspace(1e-6, 3e-6, 200)
+        for t in range(51):
+            before = x.detach().clone()
+            x.grad = curvature * x.detach() if t < 50 else torch.randn(200, generator=torch.Generator().manual_seed(1))
+            opt.step()
+        steps[name] = float((x.detach() - before).norm())
+    assert NTMBFGS([torch.nn.Parameter(torch.zeros(1))]).rule.config.trust_ratio == 1000.0
+    assert steps["without"] > 1e4 and steps["default"] < 10, steps

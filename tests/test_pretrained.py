@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-lstm-controller")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-trust")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -152,3 +152,19 @@ def test_ntm_bfgs_lstm_controller_is_the_lstm_default_as_controller_with_trained
     moved = {name for name in ntm if name.startswith("heads.") and not torch.equal(ntm[name], start[name])}
     assert moved == {name for name in ntm if name.startswith("heads.")}
     assert "--init-weights ntm-bfgs-steps --init-controller suite-steps-t500" in mine["command"]
+
+
+def test_ntm_bfgs_trust_is_ntm_bfgs_lstm_controller_with_the_trust_region_alone():
+    """ntm-bfgs-trust (NTMBFGS's default) adds one fixed option to ntm-bfgs-lstm-controller: the same
+    tensors (the hash the loader checks), the same config but trust_ratio = 1000; its metadata holds
+    the whole chain of commands, from the meta-training to the packaging, and the suite's scores."""
+    from learned_optim import NTMBFGSConfig, available_weights
+
+    weights = available_weights()
+    mine, theirs = weights["ntm-bfgs-trust"], weights["ntm-bfgs-lstm-controller"]
+    assert mine["tensors_sha256"] == theirs["tensors_sha256"]
+    assert mine["config"]["trust_ratio"] == 1000.0 and theirs["config"].get("trust_ratio") is None
+    assert NTMBFGSConfig.from_dict(dict(mine["config"], trust_ratio=None)) == NTMBFGSConfig.from_dict(theirs["config"])
+    assert mine["command"].startswith(theirs["command"] + " && python benchmarks/set_config.py")
+    assert "--set trust_ratio=1000" in mine["command"] and "benchmarks/ship_weights.py" in mine["command"]
+    assert mine["evaluation"]["diverged"] == 0 and mine["evaluation"]["geomean_ratio_to_tuned_adam"] < 0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,25 @@ def test_set_config_refuses_what_it_cannot_change_by_name(assignment, message):
         set_config.parse_assignment(assignment)
 
 
-def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, capsys):
-    from learned_optim.rules.weights import WeightsError
-
-    with pytest.raises(WeightsError, match="direction_clip must be a finite positive number"):
-        set_config.main(["--weights", "suite-time-half", "--set", "direction_clip=-1", "--out", str(tmp_path / "x")])
+@pytest.mark.parametrize(("source", "assignment", "message"), [
+    ("suite-time-half", "direction_clip=-1", "direction_clip must be a finite positive number"),
+    ("suite-time-half", "trust_ratio=10", "unknown LSTMGACConfig fields: \\['trust_ratio'\\]"),  # NTM-BFGS's own
+    ("ntm-bfgs-lstm-controller", "trust_ratio=0", "trust_ratio must be a finite positive number"),
+])
+def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, capsys, source, assignment, message):
+    with pytest.raises(SystemExit):
+        set_config.main(["--weights", source, "--set", assignment, "--out", str(tmp_path / "x")])
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_set_config_sets_ntm_bfgs_trust_ratio_keeping_the_tensors(tmp_path):
+    out = tmp_path / "trust"
+    assert set_config.main(["--weights", "ntm-bfgs-lstm-controller", "--set", "trust_ratio=50", "--out", str(out)]) == 0
+    rule, meta = load_rule(out)
+    assert rule.config.trust_ratio == 50.0 and meta["set_config"]["changes"] == {"trust_ratio": 50}
+    for name, tensor in load_rule("ntm-bfgs-lstm-controller")[0].state_dict().items():
+        assert torch.equal(rule.state_dict()[name], tensor)
 
 
 def test_set_config_validates_source_and_result_on_held_out_tasks_when_asked(tmp_path, capsys):

@@ -44,6 +44,13 @@ matrix and can be indefinite. The shipped limited-memory weights then followed u
 on Rosenbrock to losses of 1e17–1e25 (issue 15). Where neither test fires, the rule computes
 exactly what it computes without them.
 
+With ``trust_ratio`` τ (a trust region; off unless set, 1000 in the shipped default), M also starts
+again from M₀ wherever the memory's step m_t = g_t − u_t is longer than τ·‖u_t‖, the controller's
+(norms over the group), and that step reads M₀. BFGS's M grows as ‖s‖/‖y‖: on a converged net the
+curvature is tiny, the controller's normalized steps are not, and the first minibatch gradient of
+ordinary size read through such an M gave steps 10⁵–10⁹ times the controller's (the shipped
+weights blew up late on MNIST MLPs). Ordinary runs stay far below τ (``benchmarks/ntm_trust.py``).
+
 With the controller's ``step_decay_after`` t₀ (an LSTM+GAC option) the whole step decays past
 t₀: the controller scales its own u_t by √(t₀/t), and the memory's step −i_t is scaled alike (the
 read i_t is carried unscaled; the step s_t written to memory is the one taken).
@@ -100,6 +107,7 @@ class NTMBFGSConfig:
     backtrack: bool = True  # step back −s/2 when the last step raised f (estimated from gradients)
     reset_indefinite: bool = True  # M back to M₀ where yᵀMy < 0 (before a write) or ∇ᵀM∇ < 0 (after it)
     detach_memory: bool = True  # meta-gradients do not flow through the memory carried between steps
+    trust_ratio: float | None = None  # τ: M back to M₀ where the memory's step exceeds τ × the controller's (group norms)
 
     def __post_init__(self) -> None:
         if isinstance(self.controller, dict):
@@ -119,6 +127,11 @@ class NTMBFGSConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        ratio = self.trust_ratio
+        if ratio is not None:
+            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+                raise ValueError(f"trust_ratio must be a finite positive number or None, got {ratio!r}")
+            object.__setattr__(self, "trust_ratio", float(ratio))
 
     @property
     def state_rows(self) -> int:
@@ -442,9 +455,30 @@ class NTMBFGSRule(nn.Module):
             # the next step, seeing the same r_tᵀ·i_t in the carried rows, writes onto M₀
             (step_read,) = _reads_of_m0(memory, groups, groups.any(groups.dot(key, read) < 0), (key, read))
         update = heads.output(ctx, step_read if decay is None else step_read * decay)
+        if cfg.trust_ratio is not None:
+            update, read, memory_state = self._within_trust(ctx, heads, key, update, read, memory_state, layout, decay)
         if cfg.backtrack:
             # f(θ_t) − f(θ_{t−1}) ≈ ½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics): if the last
             # step raised f, go halfway back instead; a line search with no function values.
             rise = groups.dot(grad + prev_grad, prev_step) > 0
             update = torch.where(rise, -0.5 * prev_step, update)
         return update, torch.stack((grad, key, update, read)), memory_state
+
+    def _within_trust(self, ctx: HeadInputs, heads: Heads, key: Tensor, update: Tensor, read: Tensor,
+                      memory_state: Tensor, layout: NTMLayout, decay: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The trust region of ``trust_ratio`` τ: in groups where the memory's step (the update
+        less the controller's u_t) is longer than τ·‖u_t‖, M is no estimate to follow: it starts
+        again from M₀ now, this step reads M₀ and the carried read i_t is M₀'s. Such memories come
+        from pairs whose gradient change y is tiny beside the step s (minibatch noise on a
+        converged net: ‖M‖ ~ ‖s‖/‖y‖), read with a larger gradient. Elsewhere nothing changes."""
+        groups, memory = layout.groups, layout.memory
+        controller = ctx.controller_update
+        own = update - controller  # the memory's step
+        ratio = cast(float, self.config.trust_ratio)
+        # ‖m‖ > τ·‖u‖, or not finite (a non-finite read overflows the products: also no estimate)
+        outside = groups.dot(own, own) > ratio * ratio * groups.dot(controller, controller)
+        outside = groups.any(outside | ~torch.isfinite(groups.dot(own, own)))
+        (m0_read,) = _reads_of_m0(memory, groups, outside, (key, read))
+        fallback = heads.output(ctx, m0_read if decay is None else m0_read * decay)
+        update = torch.where(groups.expand(outside), fallback, update)
+        return update, m0_read, memory.reset(memory_state, outside)

@@ -1,0 +1,129 @@
+"""Ship weights: copy them into ``pretrained/`` under a name, with the metadata a shipped file
+carries (the whole command chain that made its tensors and config, the suite's scores of this
+very file, the code commit and a provenance note), so that no packaging is done by hand.
+
+    python benchmarks/ship_weights.py --weights runs/ntm-trust1000 --name ntm-bfgs-trust \\
+        --suite results/suite-ntm-trust/suite.json --note "what it is and why"
+
+The suite file must hold a row for these weights (``OPTIMIZER:WEIGHTS`` as given to
+``benchmarks/suite.py``); its summary becomes the ``evaluation`` block. Weights written by
+``benchmarks/set_config.py`` get their source's command chain (a shipped source's ``command``,
+or the one recorded under ``set_config.source``) followed by the set_config command; weights
+written by ``learned-optim meta-train`` or ``learned-optim export`` keep their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from learned_optim.rules import available_weights, load_rule
+from learned_optim.rules.weights import pretrained_dir, resolve_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_chain(metadata: dict[str, Any], shipped: dict[str, dict[str, Any]]) -> str:
+    """The commands that made these tensors and this config, in order, joined by ``&&``."""
+    record = metadata.get("set_config")
+    if record is None:
+        if "command" not in metadata:
+            raise ValueError("the weights record no command that made them (neither meta-train's nor set_config's)")
+        return str(metadata["command"])
+    source = str(record["from"])
+    if source in shipped and "command" in shipped[source]:
+        before = str(shipped[source]["command"])
+    elif "command" in record.get("source", {}):
+        before = str(record["source"]["command"])
+    else:
+        raise ValueError(f"the source weights {source!r} record no command that made them")
+    return f"{before} && {record['command']}"
+
+
+def suite_evaluation(suite: dict[str, Any], weights: str, suite_file: str) -> dict[str, Any]:
+    """The evaluation block from a ``benchmarks/suite.py`` result holding a row for ``weights``."""
+    labels = [label for label in suite.get("summary", {}) if label.partition(":")[2] == weights]
+    if len(labels) != 1:
+        raise ValueError(f"{suite_file} must hold exactly one optimizer row for the weights {weights!r} "
+                         f"(OPTIMIZER:{weights}), found {labels or 'none'}")
+    summary = suite["summary"][labels[0]]
+    tasks = summary["tasks"]
+    medians = {task: entry["median"] for task, entry in tasks.items()}
+    return {
+        "suite": f"{suite['command']} ({weights}: these tensors and config)",
+        "score": "median over seeds 0..9 of the mean of the last 10% of steps, per suite task",
+        "per_task_median_final_loss": medians,
+        "per_task_ratio_to_tuned_adam": {task: round(entry["ratio"], 4) for task, entry in tasks.items()
+                                         if "ratio" in entry},
+        "geomean_ratio_to_tuned_adam": round(summary["geomean_ratio"], 4),
+        "beaten": f"{summary['beaten']}/{summary['compared']}",
+        "diverged": summary["divergences"],
+        "median_final_loss": statistics.median(medians.values()),
+        "median_final_loss_is": "the median over the suite's tasks of the per-task median final losses above",
+    }
+
+
+def long_horizon_evaluation(run: dict[str, Any], weights: str, run_file: str) -> dict[str, Any]:
+    """Per task, from a ``benchmarks/long_horizon.py`` result: seeds whose loss still falls, and medians."""
+    rows = [r for r in run["rows"] if r["optimizer"].partition(":")[2] == weights]
+    if not rows:
+        raise ValueError(f"{run_file} holds no run of the weights {weights!r} (OPTIMIZER:{weights})")
+    out: dict[str, Any] = {"command": run["command"]}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        out[task] = {"seeds": sorted(r["seed"] for r in mine), "falling": f"{sum(r['falling'] for r in mine)}/{len(mine)}",
+                     "median_at_tenth": statistics.median(r["at_tenth"] for r in mine),
+                     "median_final": statistics.median(r["final"] for r in mine)}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="benchmarks/ship_weights.py")
+    parser.add_argument("--weights", required=True, help="the weights to ship (PATH of PATH.json/.safetensors)")
+    parser.add_argument("--name", required=True, help="the shipped name (pretrained/NAME.json/.safetensors)")
+    parser.add_argument("--suite", required=True, help="benchmarks/suite.py's suite.json with a row for the weights")
+    parser.add_argument("--long-horizon", action="append", default=[], metavar="JSON",
+                        help="benchmarks/long_horizon.py results with runs of the weights (repeatable)")
+    parser.add_argument("--note", required=True, help="provenance: what these weights are, how and why they were made")
+    parser.add_argument("--replace", action="store_true", help="overwrite shipped weights of the same name")
+    parser.add_argument("--into", default=str(pretrained_dir()), help=argparse.SUPPRESS)  # tests ship elsewhere
+    args = parser.parse_args(argv)
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        parser.error(f"--name must be a plain file name, got {args.name!r}")
+    into = Path(args.into)
+    shipped = available_weights()
+    if (into / f"{args.name}.json").exists() and not args.replace:
+        parser.error(f"{into / args.name}.json exists; pass --replace to overwrite it")
+    try:
+        _, metadata = load_rule(args.weights)  # checks the tensors against the recorded hash and config
+        suite = json.loads(Path(args.suite).read_text())
+        chain = command_chain(metadata, shipped)
+        evaluation = suite_evaluation(suite, args.weights, args.suite)
+        horizons = [long_horizon_evaluation(json.loads(Path(f).read_text()), args.weights, f) for f in args.long_horizon]
+        if horizons:
+            evaluation["long_horizon"] = horizons
+    except (ValueError, OSError, KeyError) as error:
+        parser.error(str(error))
+    recorded = ["<provenance_note>" if before == "--note" else "--note=<provenance_note>" if a.startswith("--note=")
+                else a for before, a in zip(["", *argv], argv)]
+    command = "python benchmarks/ship_weights.py " + " ".join(shlex.quote(a) for a in recorded)  # the note is its own key
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    out = dict(metadata, name=args.name, command=f"{chain} && {command}", evaluation=evaluation,
+               code_commit=commit or None, provenance_note=args.note)
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(resolve_weights(args.weights).with_suffix(".safetensors"), into / f"{args.name}.safetensors")
+    (into / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {into / args.name}.json/.safetensors: geo-mean ratio to tuned Adam "
+          f"{evaluation['geomean_ratio_to_tuned_adam']}, beaten {evaluation['beaten']}, diverged {evaluation['diverged']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
