@@ -67,7 +67,8 @@ def ratios_of_run(weights: str, name: str, seed: int, steps: int | None, data: s
             "max": max(ratios) if ratios else 0.0, "ratios": ratios if len(ratios) <= 5000 else None,
             "quantiles": torch.quantile(torch.tensor(finite, dtype=torch.float64),
                                         torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist() if finite else [0, 0],
-            "over": {str(k): sum(r > k for r in ratios) for k in THRESHOLDS}}
+            "over": {str(k): sum(r > k for r in ratios) for k in THRESHOLDS},
+            "first_over": {str(k): next((t for t, r in enumerate(ratios) if r > k), None) for k in THRESHOLDS}}
 
 
 def main(argv: list[str]) -> int:
