@@ -237,8 +237,8 @@ def test_memory_groups_gather_scatter_round_trip_and_group_sums():
 
 
 def test_memory_reset_restores_m0_in_the_flagged_groups_only():
-    """reset(state, where) and write(..., reset=where): M₀ (then the new pairs) in the flagged
-    groups, the other groups untouched."""
+    """reset(state, where), reset_ (in place) and write(..., reset=where): M₀ (then the new pairs)
+    in the flagged groups, the other groups untouched."""
     where, pair = torch.tensor([True, False]), torch.ones(2, 1, 3, dtype=F64)  # 2 groups, one write pair each
     other = torch.arange(6, dtype=F64).view(2, 1, 3)
     keys = torch.randn(2, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -252,6 +252,8 @@ def test_memory_reset_restores_m0_in_the_flagged_groups_only():
         torch.testing.assert_close(memory.read(reset, keys)[1], memory.read(state, keys)[1], rtol=0, atol=0)
         unflagged = memory.read(memory.write(state, other, other), keys)[1]
         torch.testing.assert_close(memory.read(written, keys)[1], unflagged, rtol=0, atol=0)
+        in_place = state.clone()
+        assert memory.reset_(in_place, where) is in_place and torch.equal(in_place, reset)  # reset_ is reset, in place
 
 
 def test_memory_form_is_chosen_by_size_and_can_be_overridden():
@@ -315,12 +317,18 @@ def test_params_of_a_group_on_two_devices_are_refused():
         NTMBFGS([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, device="cuda"))], weights=None)
 
 
-def test_meta_gradient_is_finite_and_reaches_the_heads_and_the_controller():
-    rule = NTMBFGSRule(seed=0)
+@pytest.mark.parametrize("trust_ratio", [None, 0.5])
+def test_meta_gradient_is_finite_and_reaches_the_heads_and_the_controller(trust_ratio):
+    """Also with a trust region that fires at every step (τ = 0.5: the untrained memory's BFGS steps
+    are longer than the controller's), whose reset must then stay differentiable (not in place): the
+    writes then never reach a step, but the read multiplier (on M₀'s read) and the controller do."""
+    rule = NTMBFGSRule(NTMBFGSConfig(trust_ratio=trust_ratio), seed=0)
     unroll = Unroll(rule, get_family("quadratic").stack(list(range(8))))
     result = TruncatedBPTT("log").estimate(rule, unroll, unroll.start(), 10)
     grads = dict(zip([n for n, _ in rule.named_parameters()], result.grads))
-    for name in ("heads.readout.weight", "heads.write_coefficients", "controller.output_weight"):
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    written = ("heads.write_coefficients",) if trust_ratio is None else ()
+    for name in ("heads.readout.weight", *written, "controller.output_weight"):
         assert grads[name] is not None and torch.isfinite(grads[name]).all() and grads[name].abs().sum() > 0, name
 
 

@@ -481,4 +481,8 @@ class NTMBFGSRule(nn.Module):
         (m0_read,) = _reads_of_m0(memory, groups, outside, (key, read))
         fallback = heads.output(ctx, m0_read if decay is None else m0_read * decay)
         update = torch.where(groups.expand(outside), fallback, update)
-        return update, m0_read, memory.reset(memory_state, outside)
+        # the written memory is a fresh tensor: without autograd it is reset in place (a functional
+        # reset would allocate the whole memory again every step: 240 bytes per parameter at K = 30)
+        if torch.is_grad_enabled() and memory_state.requires_grad:
+            return update, m0_read, memory.reset(memory_state, outside)
+        return update, m0_read, memory.reset_(memory_state, outside)

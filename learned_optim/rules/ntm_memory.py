@@ -97,6 +97,12 @@ class DenseMemory:
         initial = torch.eye(n, dtype=state.dtype, device=state.device) * self.initial_scale
         return torch.where(where[..., None, None], initial, state)
 
+    def reset_(self, state: Tensor, where: Tensor) -> Tensor:
+        """:meth:`reset` in place (no allocation; not for a state autograd still needs)."""
+        state.masked_fill_(where[..., None, None], 0)
+        state.diagonal(dim1=-2, dim2=-1).add_(where[..., None].to(state.dtype) * self.initial_scale)
+        return state
+
     @staticmethod
     def state_bytes(num_coordinates: int, bytes_per_float: int = 4) -> int:
         return num_coordinates * num_coordinates * bytes_per_float
@@ -160,6 +166,10 @@ class LimitedMemory:
         (differentiable in the others; no host sync)."""
         empty = torch.zeros((), dtype=state.dtype, device=state.device)
         return torch.where(where[..., None, None, None], empty, state)
+
+    def reset_(self, state: Tensor, where: Tensor) -> Tensor:
+        """:meth:`reset` in place (no allocation; not for a state autograd still needs)."""
+        return state.masked_fill_(where[..., None, None, None], 0)
 
     def state_bytes(self, num_coordinates: int, bytes_per_float: int = 4) -> int:
         return 2 * self.capacity * num_coordinates * bytes_per_float
