@@ -478,6 +478,8 @@ class NTMBFGSRule(nn.Module):
         # ‖m‖ > τ·‖u‖, or not finite (a non-finite read overflows the products: also no estimate)
         squared = groups.dot(own, own)
         outside = groups.any((squared > ratio * ratio * groups.dot(controller, controller)) | ~torch.isfinite(squared))
+        if outside.device.type == "cpu" and not bool(outside.any()):
+            return update, read, memory_state  # asking is free on the CPU (a GPU would wait for the device)
         (m0_read,) = _reads_of_m0(memory, groups, outside, (key, read))
         fallback = heads.output(ctx, m0_read if decay is None else m0_read * decay)
         update = torch.where(groups.expand(outside), fallback, update)
