@@ -48,7 +48,7 @@ With ``trust_ratio`` τ (a trust region; off unless set, 1000 in the shipped def
 again from M₀ wherever the memory's step m_t = g_t − u_t is longer than τ·‖u_t‖, the controller's
 (norms over the group), and that step reads M₀. BFGS's M grows as ‖s‖/‖y‖: on a converged net the
 curvature is tiny, the controller's normalized steps are not, and the first minibatch gradient of
-ordinary size read through such an M gave steps 10⁵ times the controller's and more (the shipped
+ordinary size read through such an M gave steps over 1000 times the controller's (the shipped
 weights blew up late on MNIST MLPs). Ordinary runs stay far below τ (``benchmarks/ntm_trust.py``).
 
 With the controller's ``step_decay_after`` t₀ (an LSTM+GAC option) the whole step decays past
