@@ -18,7 +18,9 @@ section that would start after ``--budget`` seconds is listed as not run):
    then go through ``all_reduce``, against the same model unsharded.
 
 Usage: ``python benchmarks/gpu_check.py --out results/gpu_check`` on a machine with CUDA and
-triton. ``--device cpu --sizes 1e3 1e4`` under ``TRITON_INTERPRET=1`` runs the same code on the
+triton (from an uninstalled checkout: ``PYTHONPATH=$PWD``; ``--data DIR`` with DIR/mnist adds the
+MNIST settings). A first call with ``--sizes 1e6 1e7`` and a second with ``--sizes 1e8 --sections 3``
+keep what the first measured should the largest size take the machine down. ``--device cpu --sizes 1e3 1e4`` under ``TRITON_INTERPRET=1`` runs the same code on the
 CPU (Triton's interpreter, gloo), to check the script itself without a GPU.
 """
 
@@ -38,7 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from step_speed import bandwidth, matmul_rate, synchronize, time_steps  # noqa: E402
+from step_speed import bandwidth, matmul_rate, synchronize  # noqa: E402
 from test_step_time import param_shapes  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_fused_step.py", "tests/test_meta.py", "tests/test_initialization.py",
@@ -53,6 +55,50 @@ def tf32_rate(device: torch.device, size: int = 4096) -> float:
         return matmul_rate(device, size)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def time_steps(opt: torch.optim.Optimizer, device: torch.device, budget: float, rounds: int = 5) -> float:
+    """Median seconds per ``opt.step()``: each round times enough back-to-back steps (one sync at
+    each end) to last about budget/rounds, so a GPU step of microseconds is not a sync's latency."""
+    synchronize(device)
+    t = time.perf_counter()
+    opt.step()
+    synchronize(device)
+    one = max(time.perf_counter() - t, 1e-6)
+    repeats = max(1, min(1000, int(budget / rounds / one)))
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            opt.step()
+        synchronize(device)
+        times.append((time.perf_counter() - t) / repeats)
+    return sorted(times)[len(times) // 2]
+
+
+class SectionFailed(Exception):
+    """A section that ran to its end but whose check failed; its argument is the report's text."""
+
+
+def run_logged(cmd: list[str], timeout: float, lines: int = 25) -> tuple[bool, str, str]:
+    """(passed, status, the output's last ``lines`` lines) of a subprocess; a timed-out one keeps
+    what it printed and has not passed."""
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        passed, status, output = done.returncode == 0, f"exit status {done.returncode}", done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        text = [part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                for part in (expired.stdout, expired.stderr)]
+        passed, status, output = False, f"stopped after {timeout:.0f} s (timeout)", "".join(text)
+    return passed, status, "\n".join(output.strip().splitlines()[-lines:])
+
+
+def checked(passed: bool, body: str) -> str:
+    """``body``, or SectionFailed(body) when the section's subprocess did not pass."""
+    if not passed:
+        raise SectionFailed(body)
+    return body
 
 
 def make_params(n: int, device: torch.device) -> list[torch.nn.Parameter]:
@@ -90,14 +136,15 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 def cuda_tests(args) -> str:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *CUDA_TEST_FILES,
            "-k", "cuda or fused or tf32"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
-    return f"`{' '.join(cmd[2:])}`: exit status {done.returncode}\n\n```\n{tail}\n```"
+    passed, status, tail = run_logged(cmd, timeout=args.section_timeout)
+    return checked(passed, f"`{' '.join(cmd[2:])}`: {status}\n\n```\n{tail}\n```")
 
 
 def step_errors(args) -> str:
     """One step, Triton against eager, from the same (nonzero) state, at 1e6 coordinates."""
     from learned_optim.kernels.lstm_gac import fused_step_
+    from learned_optim.optim.lstm import DEFAULT_WEIGHTS
+    from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
     from learned_optim.rules import load_rule
 
     device = args.device
@@ -105,7 +152,7 @@ def step_errors(args) -> str:
     rows = ["| rule | state | max abs error of g_t | max abs g_t | max abs error of the state |",
             "| --- | --- | ---: | ---: | ---: |"]
     gen = torch.Generator(device=device).manual_seed(0)
-    for name in ("suite-time", "suite", "mnist"):
+    for name in (DEFAULT_WEIGHTS, "suite", "mnist"):
         rule = load_rule(name)[0].to(device)
         layout = rule.segments([num // 2, num - num // 2], device)
         for dtype in (torch.float32, torch.bfloat16):
@@ -133,7 +180,7 @@ def step_errors(args) -> str:
         for opt in opts:
             opt.step()
     error = max(float((a - b).detach().abs().max()) for a, b in zip(params_a, params_b))
-    rows.append(f"| NTMBFGS default ({learned_optim.NTM_DEFAULT_WEIGHTS}), 3 optimizer steps | float32 | parameters differ by at most {error:.3g} | | |")
+    rows.append(f"| NTMBFGS default ({NTM_DEFAULT_WEIGHTS}), 3 optimizer steps | float32 | parameters differ by at most {error:.3g} | | |")
     return f"{num:,} coordinates (two tensors):\n\n" + "\n".join(rows)
 
 
@@ -155,19 +202,26 @@ def throughput(args) -> str:
              "tensor-core fraction | state B/param |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     names = ["adam-fused", "lstm-gac (triton)", "lstm-gac (triton, bf16 state)", "lstm-gac (eager)", "ntm-bfgs (triton)"]
-    for size in args.sizes:
+    footprint: dict[str, float] = {}  # bytes per parameter (state, parameter, gradient) seen at a smaller size
+    for size in sorted(args.sizes):
         n = int(size)
         adam_rate = None
         for name in names:
             if time.perf_counter() - args.start > args.budget:
                 lines.append(f"| {name} | {n:.0e} | not run: past the budget | | | | | |")
                 continue
+            if device.type == "cuda" and name in footprint:
+                free = torch.cuda.mem_get_info(device)[0]
+                if 1.25 * n * footprint[name] > free:  # an allocation that would fill the card: not tried
+                    lines.append(f"| {name} | {n:.0e} | not run: needs about {n * footprint[name] / 1e9:.0f} GB, "
+                                 f"{free / 1e9:.0f} GB free | | | | | |")
+                    continue
             try:
                 params = make_params(n, device)
                 opt = make(name, params)
                 for _ in range(2):
                     opt.step()
-                seconds = time_steps(opt, device, budget=1.0 if device.type == "cuda" else 0.2, max_rounds=10)
+                seconds = time_steps(opt, device, budget=1.0 if device.type == "cuda" else 0.2)
                 rate = n / seconds
                 adam_rate = rate if name == "adam-fused" else adam_rate
                 bw = flops = ""
@@ -178,6 +232,7 @@ def throughput(args) -> str:
                 ratio = f"{rate / adam_rate:.3g}" if adam_rate else ""
                 lines.append(f"| {name} | {n:.0e} | {seconds * 1e3:.2f} | {rate:.3g} | {ratio} | {bw} | {flops} | "
                              f"{state_bytes(opt) / n:.0f} |")
+                footprint[name] = state_bytes(opt) / n + 2 * params[0].element_size()
                 del opt, params
             except Exception as error:  # an out-of-memory at 1e8, say: reported, and the rest go on
                 lines.append(f"| {name} | {n:.0e} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | |")
@@ -193,10 +248,10 @@ def meta_speed(args) -> str:
            "--precision", *precisions, "--out", str(out)]
     if args.data and (Path(args.data) / "mnist").is_dir():
         cmd += ["--data", args.data]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    report = out / "meta_speed.md"
-    body = report.read_text() if report.exists() else (done.stdout + done.stderr)[-3000:]
-    return f"`{' '.join(cmd[1:])}`: exit status {done.returncode}\n\n{body}"
+    passed, status, tail = run_logged(cmd, timeout=args.section_timeout)
+    report = out / "meta_speed.md"  # written row by row: a timed-out or failed run keeps its rows
+    body = (report.read_text() if report.exists() else "") + ("" if passed else f"\n```\n{tail}\n```")
+    return checked(passed, f"`{' '.join(cmd[1:])}`: {status}\n\n{body}")
 
 
 _DIST_WORKER = r'''
@@ -234,10 +289,9 @@ def distributed(args) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-c", _DIST_WORKER, args.device, str(port)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
-    return f"exit status {done.returncode}\n\n```\n{tail}\n```"
+    passed, status, tail = run_logged([sys.executable, "-c", _DIST_WORKER, args.device, str(port)], timeout=120,
+                                      lines=12)
+    return checked(passed, f"{status}\n\n```\n{tail}\n```")
 
 
 SECTIONS = [("CUDA tests", cuda_tests), ("Triton step against the eager step", step_errors),
@@ -251,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no section starts")
     parser.add_argument("--data", default=os.environ.get("LEARNED_OPTIM_DATA"))
-    parser.add_argument("--sections", default="all", help="comma-separated numbers (1-5) or 'all'")
+    parser.add_argument("--sections", default="all", help="comma-separated numbers (1-5), run in that order, or 'all'")
+    parser.add_argument("--section-timeout", type=float, default=180.0,
+                        help="seconds for each of the subprocess sections (tests, meta-training speed)")
     parser.add_argument("--out", type=Path, default=Path("results/gpu_check"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -279,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             body = section(args)
             status = "ok"
+        except SectionFailed as failed:
+            body, status = str(failed.args[0]), "failed"
         except Exception:
             body = f"```\n{traceback.format_exc()[-3000:]}\n```"
             status = "failed"

@@ -8,10 +8,19 @@ Settings (the ones the shipped weights were trained with):
 * ``quadratic``: LSTM+GAC, the paper's 10-D quadratics, K = 128 tasks, first order;
 * ``quadratic-second-order``: the same with second-order meta-gradients;
 * ``mnist-mlp``: LSTM+GAC with momentum inputs on the MNIST MLP mix, K = 1 (needs ``--data``);
-* ``ntm-bfgs-quadratic``: NTM-BFGS on the 10-D quadratics, K = 128.
+* ``ntm-bfgs-quadratic``: NTM-BFGS on the 10-D quadratics, K = 128;
+* ``suite-mix-pes``: the last meta-training stage of the LSTMOptimizer default (PES, 4 antithetic
+  pairs, K = 2 tasks of the suite's families, reparametrized, its two step-size tensors trained),
+  from the default weights, the paper's MNIST MLP in the mix as in that stage (needs ``--data``);
+* ``ntm-bfgs-suite-mix-pes``: the same for the NTMBFGS default's own stage (heads and the
+  controller's extra input rows trained; needs ``--data``).
+
+The suite settings time episodes of T = 100 (5 meta-steps): a meta-step's cost does not depend on
+the episode's length, so seconds per meta-step times a recipe's meta-steps estimates its training time.
 
 Usage: ``python benchmarks/meta_speed.py --out results/meta_speed [--data ../shared/data] [--device cuda]
-[--precision float32 bf16]`` (each setting once per precision: ``tf32`` needs CUDA).
+[--precision float32 bf16] [--settings quadratic suite-mix-pes]`` (each setting once per precision:
+``tf32`` needs CUDA).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from pathlib import Path
 import torch
 
 from learned_optim.meta import PRECISIONS, MetaTrainConfig, MetaTrainer
+from learned_optim.optim.lstm import DEFAULT_WEIGHTS
+from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
 MOMENTUM = {"momentum_decays": [0.5, 0.9, 0.99], "momentum_rms_decay": 0.99}
 
@@ -40,6 +51,15 @@ def settings(data: str | None) -> dict[str, dict]:
         out["mnist-mlp"] = dict(rule="lstm-gac", rule_config=MOMENTUM, task="mnist-mlp-mix",
                                 task_kwargs={"root": data, "examples_per_task": 2000}, tasks_per_step=1,
                                 loss_transform="log")
+        suite = dict(task="suite-mix", tasks_per_step=2, horizon=100, truncation=20, estimator="pes", pes_pairs=4,
+                     reparametrize=2.0, loss_transform="log",
+                     task_kwargs={"root": data, "extra": [["mnist-mlp", {"root": data, "part": "meta-train"}]]})
+        out["suite-mix-pes"] = dict(rule="lstm-gac", init_weights=DEFAULT_WEIGHTS, pes_sigma=0.001,
+                                    trainable=["momentum_weight", "momentum_bias"], **suite)
+        out["ntm-bfgs-suite-mix-pes"] = dict(
+            rule="ntm-bfgs", init_weights=NTM_DEFAULT_WEIGHTS, pes_sigma=0.01,
+            trainable=["heads.readout.weight", "heads.readout.bias", "heads.left_basis", "heads.right_basis",
+                       "heads.write_coefficients", "controller.core.weights.0[7:9]"], **suite)
     return out
 
 
@@ -66,6 +86,24 @@ def meta_steps_per_second(config: MetaTrainConfig, episodes: int) -> tuple[float
     return (steps + skipped) / seconds, seconds / episodes, skipped
 
 
+def write_report(out: Path, argv: list[str], rows: list[dict], seconds: float, device: torch.device) -> str:
+    """meta_speed.md and .json of the rows so far (rewritten after each row: a cut-off run keeps them)."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv)}` ({seconds:.0f} s, torch "
+             f"{torch.__version__}, {where}). One meta-step = one truncation of 20 inner steps of K tasks.", "",
+             "| setting | rule | K | gradient | estimator | precision | meta-steps / s | s / episode (5 meta-steps) "
+             "| skipped |", "|---|---|---:|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['rule']} | {r['tasks_per_step']} | {r['gradient']} | {r['estimator']} "
+                     f"| {r['precision']} | {r['meta_steps_per_second']:.3g} | {r['seconds_per_episode']:.3g} "
+                     f"| {r['skipped']} |")
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta_speed.md").write_text(text + "\n")
+    (out / "meta_speed.json").write_text(json.dumps({"device": where, "rows": rows}, indent=1))
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -73,34 +111,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--precision", nargs="+", default=["float32"], choices=list(PRECISIONS))
+    parser.add_argument("--settings", nargs="+", default=None, help="these settings only (default: all)")
     parser.add_argument("--out", type=Path, default=Path("results/meta_speed"))
     args = parser.parse_args(argv)
+    available = settings(args.data)
+    unknown = sorted(set(args.settings or []) - set(available))
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; known here: {sorted(available)}"
+                     + ("" if args.data else " (mnist-mlp and the suite settings need --data)"))
 
     start = time.perf_counter()
-    rows = []
-    for name, kwargs in settings(args.data).items():
+    rows: list[dict] = []
+    text = write_report(args.out, argv, rows, 0.0, torch.device(args.device))
+    for name, kwargs in available.items():
+        if args.settings and name not in args.settings:
+            continue
         for precision in args.precision:
             config = MetaTrainConfig(device=args.device, episodes=10**6, precision=precision, **kwargs)
             rate, per_episode, skipped = meta_steps_per_second(config, args.episodes)
             rows.append({"setting": name, "rule": config.rule, "tasks_per_step": config.tasks_per_step,
-                         "gradient": config.gradient, "precision": precision, "meta_steps_per_second": rate,
-                         "seconds_per_episode": per_episode, "skipped": skipped})
+                         "gradient": config.gradient, "estimator": config.estimator, "precision": precision,
+                         "meta_steps_per_second": rate, "seconds_per_episode": per_episode, "skipped": skipped})
             print(json.dumps(rows[-1]), flush=True)
-    seconds = time.perf_counter() - start
-    device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv)}` ({seconds:.0f} s, torch "
-             f"{torch.__version__}, {where}). One meta-step = one truncation of 20 inner steps of K tasks.", "",
-             "| setting | rule | K | gradient | precision | meta-steps / s | s / episode (5 meta-steps) | skipped |",
-             "|---|---|---:|---|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['rule']} | {r['tasks_per_step']} | {r['gradient']} | {r['precision']} | "
-                     f"{r['meta_steps_per_second']:.3g} | {r['seconds_per_episode']:.3g} | {r['skipped']} |")
-    text = "\n".join(lines)
+            text = write_report(args.out, argv, rows, time.perf_counter() - start, torch.device(args.device))
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "meta_speed.md").write_text(text + "\n")
-    (args.out / "meta_speed.json").write_text(json.dumps({"device": where, "rows": rows}, indent=1))
     return 0
 
 

@@ -168,3 +168,27 @@ def test_ntm_bfgs_trust_is_ntm_bfgs_lstm_controller_with_the_trust_region_alone(
     assert mine["command"].startswith(theirs["command"] + " && python benchmarks/set_config.py")
     assert "--set trust_ratio=1000" in mine["command"] and "benchmarks/ship_weights.py" in mine["command"]
     assert mine["evaluation"]["diverged"] == 0 and mine["evaluation"]["geomean_ratio_to_tuned_adam"] < 0.9
+
+
+def test_weights_load_from_a_source_checkout_that_is_not_installed(monkeypatch):
+    """On PYTHONPATH without `pip install`, learned_optim.pretrained does not exist (pyproject maps
+    pretrained/ into the package only when installed): the loader falls back to the checkout's
+    pretrained/, so the default weights still load by name (the GPU machine runs the repo this way)."""
+    from importlib import resources
+    from pathlib import Path
+
+    import learned_optim.rules.weights as weights
+    from learned_optim.optim.lstm import DEFAULT_WEIGHTS
+
+    installed = weights.pretrained_dir()
+
+    def not_installed(anchor):
+        raise ModuleNotFoundError(f"No module named {anchor!r}")
+
+    monkeypatch.setattr(resources, "files", not_installed)
+    checkout = Path(weights.__file__).resolve().parents[2] / "pretrained"
+    assert weights.pretrained_dir() == checkout
+    assert (checkout / f"{DEFAULT_WEIGHTS}.safetensors").read_bytes() == \
+        (installed / f"{DEFAULT_WEIGHTS}.safetensors").read_bytes()
+    rule, meta = weights.load_rule(DEFAULT_WEIGHTS)
+    assert meta["name"] == DEFAULT_WEIGHTS

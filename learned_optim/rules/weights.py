@@ -61,8 +61,16 @@ def rule_from_config(rule_name: str, config: dict[str, Any]) -> nn.Module:
 
 
 def pretrained_dir() -> Path:
-    """The folder of the weights shipped with the package."""
-    return Path(str(resources.files("learned_optim.pretrained")))
+    """The folder of the weights shipped with the package: ``learned_optim.pretrained`` once
+    installed; run from a source checkout on PYTHONPATH (not installed), the checkout's pretrained/."""
+    try:
+        return Path(str(resources.files("learned_optim.pretrained")))
+    except ModuleNotFoundError:  # pyproject maps pretrained/ into the package only when installed
+        checkout = Path(__file__).resolve().parents[2] / "pretrained"
+        if checkout.is_dir():
+            return checkout
+        raise WeightsError("no pretrained weights found: learned_optim.pretrained is not installed and "
+                           f"{checkout} does not exist (install the package: pip install -e .)") from None
 
 
 def _sha256(data: bytes) -> str:
