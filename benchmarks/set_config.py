@@ -30,7 +30,7 @@ from learned_optim.tasks import get_family
 
 #: Config fields (of an LSTM+GAC config, ``controller.`` + field inside NTM-BFGS's; ``trust_ratio``
 #: of NTM-BFGS's own) this script may set.
-SETTABLE = ("direction_clip", "step_decay_after", "trust_ratio")
+SETTABLE = ("direction_clip", "step_decay_after", "trust_ratio", "memory", "bfgs_write_bases")
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:
@@ -44,7 +44,7 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     try:
         return path, json.loads(value)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--set {key}: the value must be JSON (a number, null), got {value!r}") from error
+        raise ValueError(f"--set {key}: the value must be JSON (a number, null, a quoted string), got {value!r}") from error
 
 
 def with_config(config: dict[str, Any], assignments: list[tuple[list[str], Any]]) -> dict[str, Any]:

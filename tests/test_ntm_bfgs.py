@@ -122,6 +122,38 @@ def test_learned_heads_start_as_bfgs():
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
+def test_bfgs_write_bases_use_bfgs_own_vectors_whatever_the_learned_ones_are():
+    """With bfgs_write_bases the rule ignores P, Q, α: with perturbed learned bases and the
+    controller's step zeroed it is still exactly textbook BFGS; without the option the same
+    perturbation moves it off BFGS."""
+    a, b, theta = _quadratic(6, seed=2)
+    runs = {}
+    for fixed in (True, False):
+        rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.5, bfgs_write_bases=fixed, **EXACT),
+                           seed=3).double()
+        with torch.no_grad():
+            rule.controller.output_weight.zero_()
+            rule.controller.output_bias.zero_()
+            for name in ("left_basis", "right_basis", "write_coefficients"):
+                getattr(rule.heads, name).add_(0.01 * torch.randn(3, 2, generator=torch.Generator().manual_seed(7),
+                                                                 dtype=F64))
+        runs[fixed] = _run_rule(rule, a, b, theta, 10)
+    textbook = _textbook_bfgs(a, b, theta, 10, 0.5)
+    for x, y in zip(runs[True], textbook):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(runs[False][-1]).all() and (runs[False][-1] - textbook[-1]).abs().max() > 1e-4
+
+
+def test_bfgs_write_bases_receive_no_meta_gradient_and_the_modulations_do():
+    rule = NTMBFGSRule(NTMBFGSConfig(bfgs_write_bases=True), seed=0)
+    unroll = Unroll(rule, get_family("quadratic").stack(list(range(8))))
+    result = TruncatedBPTT("log").estimate(rule, unroll, unroll.start(), 10)
+    grads = dict(zip([n for n, _ in rule.named_parameters()], result.grads))
+    for name in ("heads.left_basis", "heads.right_basis", "heads.write_coefficients"):
+        assert grads[name] is None or not grads[name].any(), name
+    assert grads["heads.readout.weight"] is not None and grads["heads.readout.weight"].abs().sum() > 0
+
+
 def test_backtracking_steps_halfway_back_after_a_step_that_raised_the_loss():
     """f = ½‖θ‖² (∇ = θ) from θ₀ = 1 with γ = 3: the first step −3·∇ lands at −2, f rises from
     ½ to 2, so the next step is −s/2 = +1.5 (to −0.5), not BFGS's; without the safeguard it is BFGS's."""
@@ -349,7 +381,7 @@ def test_a_short_meta_training_improves_the_validation_score(tmp_path):
 
 def test_config_round_trips_and_bad_configs_are_refused_by_name():
     config = NTMBFGSConfig(memory="limited", memory_capacity=12, write_heads=4, reset_indefinite=False,
-                           trust_ratio=100)
+                           trust_ratio=100, bfgs_write_bases=True)
     assert NTMBFGSConfig.from_dict(config.to_dict()) == config and config.trust_ratio == 100.0
     old = {k: v for k, v in NTMBFGSConfig().to_dict().items() if k != "reset_indefinite"}  # saved before the key
     assert NTMBFGSConfig.from_dict(old).reset_indefinite and NTMBFGSConfig.from_dict(old).trust_ratio is None
@@ -357,7 +389,8 @@ def test_config_round_trips_and_bad_configs_are_refused_by_name():
                        ({"initial_scale": -1.0}, "initial_scale"), ({"memory_capacity": 2}, "memory_capacity"),
                        ({"controller": {"extra_inputs": 0}}, "extra_inputs"), ({"heads": 3}, "unknown"),
                        ({"trust_ratio": 0}, "trust_ratio"), ({"trust_ratio": float("inf")}, "trust_ratio"),
-                       ({"trust_ratio": True}, "trust_ratio")):
+                       ({"trust_ratio": True}, "trust_ratio"), ({"bfgs_write_bases": "yes"}, "bfgs_write_bases"),
+                       ({"backtrack": 1}, "backtrack must be True or False")):
         with pytest.raises(ValueError, match=match):
             NTMBFGSConfig.from_dict(bad)
 

@@ -68,6 +68,7 @@ def test_set_config_refuses_what_it_cannot_change_by_name(assignment, message):
     ("suite-time-half", "direction_clip=-1", "direction_clip must be a finite positive number"),
     ("suite-time-half", "trust_ratio=10", "unknown LSTMGACConfig fields: \\['trust_ratio'\\]"),  # NTM-BFGS's own
     ("ntm-bfgs-lstm-controller", "trust_ratio=0", "trust_ratio must be a finite positive number"),
+    ("ntm-bfgs-trust", 'memory="banana"', "memory must be one of \\('auto', 'dense', 'limited'\\), got 'banana'"),
 ])
 def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, capsys, source, assignment, message):
     with pytest.raises(SystemExit):
@@ -83,6 +84,28 @@ def test_set_config_sets_ntm_bfgs_trust_ratio_keeping_the_tensors(tmp_path):
     assert rule.config.trust_ratio == 50.0 and meta["set_config"]["changes"] == {"trust_ratio": 50}
     for name, tensor in load_rule("ntm-bfgs-lstm-controller")[0].state_dict().items():
         assert torch.equal(rule.state_dict()[name], tensor)
+
+
+def test_set_config_sets_the_memory_form_keeping_the_tensors(tmp_path):
+    """memory="auto": dense memory for groups of up to 1,024 coordinates, the limited form above."""
+    out = tmp_path / "auto"
+    assert set_config.main(["--weights", "ntm-bfgs-trust", "--set", 'memory="auto"', "--out", str(out)]) == 0
+    rule, meta = load_rule(out)
+    assert rule.config.memory == "auto" and meta["set_config"]["changes"] == {"memory": "auto"}
+    assert type(rule.segments([1024]).memory).__name__ == "DenseMemory"
+    assert type(rule.segments([1000, 25]).memory).__name__ == "LimitedMemory"
+    for name, tensor in load_rule("ntm-bfgs-trust")[0].state_dict().items():
+        assert torch.equal(rule.state_dict()[name], tensor)
+
+
+def test_set_config_fixes_the_write_bases_at_bfgs_keeping_the_tensors(tmp_path):
+    out = tmp_path / "bases"
+    assert set_config.main(["--weights", "ntm-bfgs-trust", "--set", "bfgs_write_bases=true", "--out", str(out)]) == 0
+    rule, meta = load_rule(out)
+    assert rule.config.bfgs_write_bases and rule.heads.bfgs_bases
+    assert meta["set_config"]["changes"] == {"bfgs_write_bases": True}
+    trained = load_rule("ntm-bfgs-trust")[0].state_dict()
+    assert all(torch.equal(rule.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
 def test_set_config_validates_source_and_result_on_held_out_tasks_when_asked(tmp_path, capsys):

@@ -51,6 +51,11 @@ curvature is tiny, the controller's normalized steps are not, and the first mini
 ordinary size read through such an M gave steps over 1000 times the controller's (the shipped
 weights blew up late on MNIST MLPs). Ordinary runs stay far below τ (``benchmarks/ntm_trust.py``).
 
+With ``bfgs_write_bases`` the write heads' vectors and coefficients are BFGS's own (P, Q, α as
+initialized; the learned ones are kept in the weights, unused) and only their modulations δ_w and
+the read's multiplier η are learned. Meta-trained bases within 10% of BFGS's broke its secant
+algebra: on the paper's quadratics the dense memory with them ends far above BFGS's (README).
+
 With the controller's ``step_decay_after`` t₀ (an LSTM+GAC option) the whole step decays past
 t₀: the controller scales its own u_t by √(t₀/t), and the memory's step −i_t is scaled alike (the
 read i_t is carried unscaled; the step s_t written to memory is the one taken).
@@ -108,6 +113,7 @@ class NTMBFGSConfig:
     reset_indefinite: bool = True  # M back to M₀ where yᵀMy < 0 (before a write) or ∇ᵀM∇ < 0 (after it)
     detach_memory: bool = True  # meta-gradients do not flow through the memory carried between steps
     trust_ratio: float | None = None  # τ: M back to M₀ where the memory's step exceeds τ × the controller's (group norms)
+    bfgs_write_bases: bool = False  # write vectors and coefficients (P, Q, α) fixed at BFGS's; only the modulations learned
 
     def __post_init__(self) -> None:
         if isinstance(self.controller, dict):
@@ -127,6 +133,9 @@ class NTMBFGSConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        for name in ("backtrack", "reset_indefinite", "detach_memory", "bfgs_write_bases"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         ratio = self.trust_ratio
         if ratio is not None:
             if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
@@ -238,9 +247,9 @@ class LearnedHeads(nn.Module):
     on the read, and write heads whose vectors and coefficients are learned mixtures of BFGS's
     (global per group, so M stays a sum of the same kind of terms as BFGS's)."""
 
-    def __init__(self, hidden_size: int, write_heads: int, curvature_eps: float) -> None:
+    def __init__(self, hidden_size: int, write_heads: int, curvature_eps: float, bfgs_bases: bool = False) -> None:
         super().__init__()
-        self.write_heads, self.curvature_eps = write_heads, curvature_eps
+        self.write_heads, self.curvature_eps, self.bfgs_bases = write_heads, curvature_eps, bfgs_bases
         w = write_heads
         self.readout = nn.Linear(hidden_size, 1 + w)  # η (per coordinate), δ_w (averaged over the group)
         nn.init.zeros_(self.readout.weight)
@@ -252,6 +261,8 @@ class LearnedHeads(nn.Module):
         self.left_basis = nn.Parameter(left)  # P_w: a_w ∝ P_w,1·s + P_w,2·My
         self.right_basis = nn.Parameter(right)  # Q_w: b_w = Q_w,1·s + Q_w,2·My
         self.write_coefficients = nn.Parameter(alpha)  # κ_w = α_w,1·ρ + α_w,2·ρ²·yᵀMy
+        # BFGS's own P, Q, α (bfgs_bases: used in place of the learned three, which are kept, unused)
+        self.register_buffer("_bfgs_bases", torch.stack((left, right, alpha)), persistent=False)
 
     def _outputs(self, ctx: HeadInputs) -> Tensor:
         if ctx.readout is None:
@@ -265,9 +276,12 @@ class LearnedHeads(nn.Module):
         s, my = ctx.prev_step, pre_read - ctx.prev_read
         rho, rho2_ymy = bfgs_scalars(key - ctx.prev_key, s, my, ctx.groups, self.curvature_eps)
         modulation = ctx.groups.mean(self._outputs(ctx)[1:])  # (W, N), one value per group
-        kappa = (self.write_coefficients @ torch.stack((rho, rho2_ymy))) * 2 * torch.sigmoid(modulation)
+        fixed = cast(Tensor, self._bfgs_bases)
+        left, right, alpha = (fixed.to(s.dtype).unbind(0) if self.bfgs_bases
+                              else (self.left_basis, self.right_basis, self.write_coefficients))
+        kappa = (alpha @ torch.stack((rho, rho2_ymy))) * 2 * torch.sigmoid(modulation)
         basis = torch.stack((s, my))  # (2, N)
-        return kappa * (self.left_basis @ basis), self.right_basis @ basis
+        return kappa * (left @ basis), right @ basis
 
     def output(self, ctx: HeadInputs, read: Tensor) -> Tensor:
         return ctx.controller_update - 2 * torch.sigmoid(self._outputs(ctx)[0]) * read
@@ -284,7 +298,7 @@ class NTMBFGSRule(nn.Module):
         cfg = self.config
         self.controller = LSTMGACRule(cfg.controller, seed=seed)
         self.heads = heads if heads is not None else LearnedHeads(cfg.controller.hidden_size, cfg.write_heads,
-                                                                  cfg.curvature_eps)
+                                                                  cfg.curvature_eps, cfg.bfgs_write_bases)
 
     @property
     def dtype(self) -> torch.dtype:
