@@ -4,7 +4,6 @@ whole script runs on the CPU under TRITON_INTERPRET=1 with --device cpu.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -12,19 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-gpu_check = _load("gpu_check")
-meta_speed = _load("meta_speed")
+gpu_check = load_script("gpu_check")
+meta_speed = load_script("meta_speed")
 
 
 def test_a_timed_out_subprocess_keeps_its_output_and_has_not_passed():

@@ -1,17 +1,13 @@
 """benchmarks/mnist_figures.py runs either learned optimizer at its default settings."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_script
 
-from learned_optim import LSTMOptimizer, NTMBFGS
+from learned_optim import NTMBFGS, LSTMOptimizer
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("mnist_figures", ROOT / "benchmarks" / "mnist_figures.py")
-mnist_figures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mnist_figures)
+mnist_figures = load_script("mnist_figures")
 
 
 def test_weights_name_either_learned_optimizer():

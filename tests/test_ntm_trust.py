@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ntm_trust", ROOT / "benchmarks" / "ntm_trust.py")
-ntm_trust = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ntm_trust)
+ntm_trust = load_script("ntm_trust")
 
 
 def test_ratios_start_at_zero_and_match_the_table(tmp_path):

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_script
 
 from learned_optim import NTMBFGS, LSTMOptimizer
 from learned_optim.rules import load_rule
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("set_config", ROOT / "benchmarks" / "set_config.py")
-set_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(set_config)
+set_config = load_script("set_config")
 
 
 def _spike_step(optimizer_class, weights) -> torch.Tensor:

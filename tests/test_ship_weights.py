@@ -3,26 +3,20 @@ the suite's scores of that very file, refused when either is missing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_script
 
 from learned_optim.rules import load_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-set_config, ship_weights = _script("set_config"), _script("ship_weights")
+set_config, ship_weights = load_script("set_config"), load_script("ship_weights")
 
 
 def _suite_file(path: Path, label: str) -> Path:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from benchmark_scripts import load_script
 
 from learned_optim import LSTMOptimizer
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("step_scale", ROOT / "benchmarks" / "step_scale.py")
-step_scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_scale)
+step_scale = load_script("step_scale")
 
 
 def _trajectory(weights: str, lr: float, steps: int = 6) -> torch.Tensor:
