@@ -75,35 +75,33 @@ def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, 
     assert not (tmp_path / "x.json").exists()
 
 
-def test_set_config_sets_ntm_bfgs_trust_ratio_keeping_the_tensors(tmp_path):
-    out = tmp_path / "trust"
-    assert set_config.main(["--weights", "ntm-bfgs-lstm-controller", "--set", "trust_ratio=50", "--out", str(out)]) == 0
+def _set_keeping_the_tensors(tmp_path, source: str, assignment: str):
+    """set_config with one assignment; the written weights must hold the source's tensors exactly."""
+    out = tmp_path / "set"
+    assert set_config.main(["--weights", source, "--set", assignment, "--out", str(out)]) == 0
     rule, meta = load_rule(out)
-    assert rule.config.trust_ratio == 50.0 and meta["set_config"]["changes"] == {"trust_ratio": 50}
-    for name, tensor in load_rule("ntm-bfgs-lstm-controller")[0].state_dict().items():
+    for name, tensor in load_rule(source)[0].state_dict().items():
         assert torch.equal(rule.state_dict()[name], tensor)
+    return rule, meta
+
+
+def test_set_config_sets_ntm_bfgs_trust_ratio_keeping_the_tensors(tmp_path):
+    rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-lstm-controller", "trust_ratio=50")
+    assert rule.config.trust_ratio == 50.0 and meta["set_config"]["changes"] == {"trust_ratio": 50}
 
 
 def test_set_config_sets_the_memory_form_keeping_the_tensors(tmp_path):
     """memory="auto": dense memory for groups of up to 1,024 coordinates, the limited form above."""
-    out = tmp_path / "auto"
-    assert set_config.main(["--weights", "ntm-bfgs-trust", "--set", 'memory="auto"', "--out", str(out)]) == 0
-    rule, meta = load_rule(out)
+    rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-trust", 'memory="auto"')
     assert rule.config.memory == "auto" and meta["set_config"]["changes"] == {"memory": "auto"}
     assert type(rule.segments([1024]).memory).__name__ == "DenseMemory"
     assert type(rule.segments([1000, 25]).memory).__name__ == "LimitedMemory"
-    for name, tensor in load_rule("ntm-bfgs-trust")[0].state_dict().items():
-        assert torch.equal(rule.state_dict()[name], tensor)
 
 
 def test_set_config_fixes_the_write_bases_at_bfgs_keeping_the_tensors(tmp_path):
-    out = tmp_path / "bases"
-    assert set_config.main(["--weights", "ntm-bfgs-trust", "--set", "bfgs_write_bases=true", "--out", str(out)]) == 0
-    rule, meta = load_rule(out)
+    rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-trust", "bfgs_write_bases=true")
     assert rule.config.bfgs_write_bases and rule.heads.bfgs_bases
     assert meta["set_config"]["changes"] == {"bfgs_write_bases": True}
-    trained = load_rule("ntm-bfgs-trust")[0].state_dict()
-    assert all(torch.equal(rule.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
 def test_set_config_validates_source_and_result_on_held_out_tasks_when_asked(tmp_path, capsys):
