@@ -8,8 +8,10 @@ very file, the code commit and a provenance note), so that no packaging is done 
 The suite file must hold a row for these weights (``OPTIMIZER:WEIGHTS`` as given to
 ``benchmarks/suite.py``); its summary becomes the ``evaluation`` block. Weights written by
 ``benchmarks/set_config.py`` get their source's command chain (a shipped source's ``command``,
-or the one recorded under ``set_config.source``) followed by the set_config command; weights
-written by ``learned-optim meta-train`` or ``learned-optim export`` keep their own.
+or the one recorded under ``set_config.source``) followed by the set_config command. Weights
+written by ``learned-optim meta-train`` or ``learned-optim export`` get the chain of the weights
+the run started from (``--init-weights``/``--init-controller``), then the meta-train command(s)
+(recorded in the checkpoint, or given with ``--meta-train-command`` and checked), then the export.
 """
 
 from __future__ import annotations
@@ -30,21 +32,86 @@ from learned_optim.rules.weights import pretrained_dir, resolve_weights
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def command_chain(metadata: dict[str, Any], shipped: dict[str, dict[str, Any]]) -> str:
-    """The commands that made these tensors and this config, in order, joined by ``&&``."""
+def command_chain(metadata: dict[str, Any], shipped: dict[str, dict[str, Any]],
+                  meta_train_command: str | None = None) -> str:
+    """The commands that made these tensors and this config, in order, joined by ``&&``: the
+    chain of the weights a run started from (``--init-weights``, ``--init-controller``), then the
+    ``learned-optim meta-train`` command(s) and, for an exported file, ``learned-optim export``."""
     record = metadata.get("set_config")
-    if record is None:
-        if "command" not in metadata:
-            raise ValueError("the weights record no command that made them (neither meta-train's nor set_config's)")
-        return str(metadata["command"])
-    source = str(record["from"])
-    if source in shipped and "command" in shipped[source]:
-        before = str(shipped[source]["command"])
-    elif "command" in record.get("source", {}):
-        before = str(record["source"]["command"])
+    if record is not None:
+        if meta_train_command is not None:
+            raise ValueError("--meta-train-command is for weights exported from a meta-training checkpoint; "
+                             "these were written by set_config")
+        source = str(record["from"])
+        if source in shipped and "command" in shipped[source]:
+            before = str(shipped[source]["command"])
+        elif "command" in record.get("source", {}):
+            before = str(record["source"]["command"])
+        else:
+            raise ValueError(f"the source weights {source!r} record no command that made them")
+        return f"{before} && {record['command']}"
+    if "command" not in metadata:
+        raise ValueError("the weights record no command that made them (neither meta-train's nor set_config's)")
+    command = str(metadata["command"])
+    training = metadata.get("meta_training") or {}
+    if command.startswith("learned-optim export"):
+        steps = [*_meta_train_commands(training, meta_train_command), command]
+    elif meta_train_command is not None:
+        raise ValueError("--meta-train-command is for weights exported from a meta-training checkpoint; "
+                         "these record their own command")
     else:
-        raise ValueError(f"the source weights {source!r} record no command that made them")
-    return f"{before} && {record['command']}"
+        steps = [command]
+    starts = [_start_chain(str(training[key]), shipped) for key in ("init_weights", "init_controller")
+              if training.get(key)]
+    return " && ".join([*starts, *steps])
+
+
+def _start_chain(weights: str, shipped: dict[str, dict[str, Any]]) -> str:
+    """The chain of the weights a meta-training run started from: a shipped file's recorded
+    command, or (weights in a run directory) the chain their own metadata gives."""
+    if weights in shipped:
+        if "command" not in shipped[weights]:
+            raise ValueError(f"the shipped start weights {weights!r} record no command that made them")
+        return str(shipped[weights]["command"])
+    try:
+        _, metadata = load_rule(weights)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"the run started from {weights!r}, which cannot be read to record its chain: {error}") from None
+    return command_chain(metadata, shipped)
+
+
+def _meta_train_commands(training: dict[str, Any], given: str | None) -> list[str]:
+    """The meta-train commands that ran on the exported checkpoint, in order (a repeat of the same
+    command resumes it, so consecutive repeats are one step of the chain). A checkpoint from before
+    commands were recorded needs the command given, and it is checked against the recorded settings."""
+    recorded = [str(entry["command"]) for entry in training.get("commands") or []]
+    if recorded:
+        if given is not None:
+            raise ValueError("the checkpoint records its meta-train commands; drop --meta-train-command")
+        return [c for i, c in enumerate(recorded) if i == 0 or c != recorded[i - 1]]
+    if given is None:
+        raise ValueError("these weights were exported from a checkpoint that records no meta-train command; "
+                         "pass the command that ran it as --meta-train-command")
+    from learned_optim.cli import build_parser, meta_train_config
+
+    words = shlex.split(given)
+    if words[:2] != ["learned-optim", "meta-train"]:
+        raise ValueError(f"--meta-train-command must be a 'learned-optim meta-train ...' command, got {given[:60]!r}")
+    try:
+        args = build_parser().parse_args(words[1:])
+    except SystemExit:
+        raise ValueError("--meta-train-command does not parse as learned-optim meta-train's arguments "
+                         "(argparse's message above)") from None
+    config, _ = meta_train_config(args)
+    expected = json.loads(json.dumps(config.training()))
+    differ = sorted(k for k in expected if k in training and training[k] != expected[k])
+    if differ:
+        raise ValueError(f"--meta-train-command does not match the settings recorded with the weights: {', '.join(differ)}")
+    workdir = Path(args.workdir or f"{args.out}.run")
+    if "exported_from" in training and Path(training["exported_from"]).parent != workdir:
+        raise ValueError(f"--meta-train-command ran in {workdir}, but the weights were exported from "
+                         f"{training['exported_from']}")
+    return [given]
 
 
 def suite_evaluation(suite: dict[str, Any], weights: str, suite_file: str) -> dict[str, Any]:
@@ -92,6 +159,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--long-horizon", action="append", default=[], metavar="JSON",
                         help="benchmarks/long_horizon.py results with runs of the weights (repeatable)")
     parser.add_argument("--note", required=True, help="provenance: what these weights are, how and why they were made")
+    parser.add_argument("--meta-train-command", default=None, metavar="COMMAND",
+                        help="for weights exported from a checkpoint that predates recorded commands: the "
+                             "'learned-optim meta-train ...' command that ran it (checked against its settings)")
     parser.add_argument("--replace", action="store_true", help="overwrite shipped weights of the same name")
     parser.add_argument("--into", default=str(pretrained_dir()), help=argparse.SUPPRESS)  # tests ship elsewhere
     args = parser.parse_args(argv)
@@ -104,7 +174,7 @@ def main(argv: list[str]) -> int:
     try:
         _, metadata = load_rule(args.weights)  # checks the tensors against the recorded hash and config
         suite = json.loads(Path(args.suite).read_text())
-        chain = command_chain(metadata, shipped)
+        chain = command_chain(metadata, shipped, args.meta_train_command)
         evaluation = suite_evaluation(suite, args.weights, args.suite)
         horizons = [long_horizon_evaluation(json.loads(Path(f).read_text()), args.weights, f) for f in args.long_horizon]
         if horizons:

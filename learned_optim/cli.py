@@ -10,7 +10,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -18,6 +18,9 @@ from . import __version__, registry
 from .meta.estimators import ESTIMATORS
 from .meta.unroll import GRADIENT_MODES, PRECISIONS
 from .tasks import families, get_family
+
+if TYPE_CHECKING:
+    from .meta import MetaTrainConfig
 
 __all__ = ["main"]
 
@@ -189,15 +192,14 @@ def _meta_train(args: argparse.Namespace, rank: int) -> int:
     return 0
 
 
-def _meta_trainer(args: argparse.Namespace):
-    """The trainer and the final evaluation's family, every argument checked before training starts."""
-    from .meta import MetaTrainConfig, MetaTrainer
+def meta_train_config(args: argparse.Namespace) -> tuple[MetaTrainConfig, dict[str, Any]]:
+    """The :class:`MetaTrainConfig` and task arguments that ``learned-optim meta-train`` ARGS runs
+    (also how a recorded command is checked against the settings its weights record)."""
+    from .meta import MetaTrainConfig
 
     task_kwargs = _json_argument(args.task_kwargs, "--task-kwargs")
     if args.data:
         task_kwargs["root"] = args.data
-    if args.eval_seeds < 1:
-        raise ValueError(f"--eval-seeds must be a positive integer, got {args.eval_seeds}")
     config = MetaTrainConfig(
         rule=args.rule, rule_config=_json_argument(args.rule_config, "--rule-config"),
         init_weights=args.init_weights, init_controller=args.init_controller,
@@ -211,6 +213,16 @@ def _meta_trainer(args: argparse.Namespace):
         validation_task_kwargs=_json_argument(args.validation_task_kwargs, "--validation-task-kwargs") or None,
         seed=args.seed, device=args.device, precision=args.precision,
     )
+    return config, task_kwargs
+
+
+def _meta_trainer(args: argparse.Namespace):
+    """The trainer and the final evaluation's family, every argument checked before training starts."""
+    from .meta import MetaTrainer
+
+    if args.eval_seeds < 1:
+        raise ValueError(f"--eval-seeds must be a positive integer, got {args.eval_seeds}")
+    config, task_kwargs = meta_train_config(args)
     eval_task = args.eval_task or config.task
     eval_kwargs = _json_argument(args.eval_task_kwargs, "--eval-task-kwargs") if args.eval_task_kwargs else (
         {} if args.eval_task else {k: v for k, v in task_kwargs.items() if k != "root"})
@@ -218,7 +230,8 @@ def _meta_trainer(args: argparse.Namespace):
         eval_kwargs["root"] = args.data
     eval_family = get_family(eval_task, **eval_kwargs)
     workdir = args.workdir or f"{args.out}.run"
-    trainer = MetaTrainer(config, workdir, progress=not args.no_progress)
+    trainer = MetaTrainer(config, workdir, progress=not args.no_progress,
+                          command=shlex.join(["learned-optim", *args.argv]))
     return trainer, eval_family, eval_task, eval_kwargs, task_kwargs
 
 
@@ -247,6 +260,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                  "kwargs": {k: v for k, v in settings.get("task_kwargs", {}).items() if k != "root"}},
         "meta_training": {**settings, "episodes": payload["episode"], "train_seconds": round(payload["elapsed"], 1),
                           "skipped_truncations": payload["skipped"], "best_validation": best,
+                          "commands": json.loads(payload.get("commands", "[]")),
                           "exported_from": str(path), "cpu_threads": torch.get_num_threads(),
                           "exported": f"the latest φ (episode {payload['episode']})" if args.latest
                           else "the best validated φ"},

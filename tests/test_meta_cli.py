@@ -44,6 +44,21 @@ def test_meta_train_writes_weights_with_their_provenance(tmp_path, capsys):
     assert log_again == log
 
 
+def test_the_checkpoint_records_each_meta_train_command_and_export_passes_them_on(tmp_path, capsys):
+    out, workdir = tmp_path / "tiny", tmp_path / "tiny.run"
+    first = [*ARGS[:ARGS.index("--episodes") + 1], "2", *ARGS[ARGS.index("--episodes") + 2:], "--out", str(out)]
+    assert main(first) == 0
+    assert main([*ARGS, "--out", str(out)]) == 0  # more episodes: resumes at episode 2
+    capsys.readouterr()
+    recorded = json.loads(torch.load(workdir / "checkpoint.pt", weights_only=True)["commands"])
+    assert recorded == [{"command": shlex.join(["learned-optim", *first]), "from_episode": 0},
+                        {"command": shlex.join(["learned-optim", *ARGS, "--out", str(out)]), "from_episode": 2}]
+    assert json.loads(out.with_suffix(".json").read_text())["meta_training"]["commands"] == recorded
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
+    meta = json.loads((tmp_path / "exported.json").read_text())
+    assert meta["meta_training"]["commands"] == recorded
+
+
 def test_export_writes_a_checkpoints_best_weights_loadable_by_the_optimizer(tmp_path, capsys):
     import pytest
 

@@ -4,6 +4,7 @@ the suite's scores of that very file, refused when either is missing."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,49 @@ def test_ship_weights_refuses_weights_the_suite_did_not_score(tmp_path, capsys):
                            "--into", str(tmp_path / "pretrained")])
     assert f"exactly one optimizer row for the weights '{variant}'" in capsys.readouterr().err
     assert not (tmp_path / "pretrained").exists()
+
+
+TINY_RUN = ["--task", "quadratic", "--episodes", "1", "--tasks-per-step", "2", "--horizon", "10", "--truncation", "10",
+            "--validation-tasks", "2", "--validate-every", "1", "--checkpoint-every", "1", "--eval-seeds", "1",
+            "--device", "cpu", "--no-progress"]
+
+
+def test_an_exported_run_is_chained_through_the_weights_it_started_from(tmp_path, capsys):
+    from learned_optim.cli import main as cli
+
+    start = tmp_path / "clip2"
+    assert set_config.main(["--weights", "suite-time-half", "--set", "direction_clip=2", "--out", str(start)]) == 0
+    run = ["meta-train", "--rule", "lstm-gac", "--init-weights", str(start), *TINY_RUN, "--out", str(tmp_path / "run")]
+    assert cli(run) == 0
+    exported = tmp_path / "exported"
+    export = ["export", "--workdir", str(tmp_path / "run.run"), "--out", str(exported)]
+    assert cli(export) == 0
+    suite = _suite_file(tmp_path / "suite.json", f"lstm-gac:{exported}")
+    argv = ["--weights", str(exported), "--name", "chained", "--suite", str(suite), "--note", "n", "--into", str(tmp_path / "p")]
+    assert ship_weights.main(argv) == 0
+    source = json.loads((ROOT / "pretrained" / "suite-time-half.json").read_text())["command"]
+    made = json.loads((tmp_path / "p" / "chained.json").read_text())["command"]
+    set_config_command = load_rule(start)[1]["set_config"]["command"]
+    assert made.startswith(" && ".join([source, set_config_command, shlex.join(["learned-optim", *run]),
+                                        shlex.join(["learned-optim", *export])]) + " && python benchmarks/ship_weights.py")
+
+    # A checkpoint from before commands were recorded: the meta-train command must be given, and it
+    # must be the one whose settings the weights record.
+    checkpoint = torch.load(tmp_path / "run.run" / "checkpoint.pt", weights_only=True)
+    del checkpoint["commands"]
+    torch.save(checkpoint, tmp_path / "run.run" / "checkpoint.pt")
+    assert cli(export) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        ship_weights.main([*argv, "--replace"])
+    assert "pass the command that ran it as --meta-train-command" in capsys.readouterr().err
+    other = shlex.join(["learned-optim", *run, "--meta-lr", "0.01"])
+    with pytest.raises(SystemExit):
+        ship_weights.main([*argv, "--replace", "--meta-train-command", other])
+    assert "does not match the settings recorded with the weights: meta_lr" in capsys.readouterr().err
+    elsewhere = shlex.join(["learned-optim", *run, "--workdir", str(tmp_path / "other.run")])
+    with pytest.raises(SystemExit):
+        ship_weights.main([*argv, "--replace", "--meta-train-command", elsewhere])
+    assert "but the weights were exported from" in capsys.readouterr().err
+    assert ship_weights.main([*argv, "--replace", "--meta-train-command", shlex.join(["learned-optim", *run])]) == 0
+    assert json.loads((tmp_path / "p" / "chained.json").read_text())["command"].startswith(made.rsplit(" && ", 1)[0])

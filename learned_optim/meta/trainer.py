@@ -196,8 +196,9 @@ class MetaTrainer:
 
     def __init__(self, config: MetaTrainConfig, workdir: str | os.PathLike,
                  progress: bool = True, log: Callable[[str], None] | None = print,
-                 family: TaskFamily | None = None) -> None:
+                 family: TaskFamily | None = None, command: str | None = None) -> None:
         self.config = config
+        self.command = command  # the shell command running this trainer, recorded in the checkpoint
         self.workdir = Path(workdir)
         self.rank, self.world = _distributed_rank_and_size()
         if config.tasks_per_step % self.world:
@@ -233,6 +234,7 @@ class MetaTrainer:
         self.elapsed = 0.0
         self.skipped = 0
         self.validated_at = -1  # the episode of the last validation
+        self.commands: list[dict[str, Any]] = []  # each command that ran on this workdir, from the episode it began at
         self.validation_seeds = [VALIDATION_SEED_BASE + k for k in range(config.validation_tasks)]
 
     def _warm_start(self, weights: str) -> None:
@@ -285,6 +287,7 @@ class MetaTrainer:
             "skipped": self.skipped,
             "validated_at": self.validated_at,
             "best": json.dumps(self.best),
+            "commands": json.dumps(self.commands),
             "rule": self.rule.state_dict(),
             "best_rule": self.best_rule,
             "adam": self.optimizer.state_dict(),
@@ -315,6 +318,7 @@ class MetaTrainer:
         self.episode, self.elapsed, self.skipped = payload["episode"], payload["elapsed"], payload["skipped"]
         self.best = json.loads(payload["best"])
         self.validated_at = payload["validated_at"]
+        self.commands = json.loads(payload.get("commands", "[]"))  # none recorded before the option
         if self.rank == 0:
             self._trim_log(self.episode)
         self.print(f"resumed from {path} at episode {self.episode} ({self.elapsed:.0f} s trained)")
@@ -471,6 +475,8 @@ class MetaTrainer:
 
         cfg = self.config
         self.try_resume()
+        if self.command is not None:
+            self.commands.append({"command": self.command, "from_episode": self.episode})
         if self.validated_at < 0:
             self.run_validation()  # the untrained rule is the first candidate
         bar = tqdm(total=cfg.episodes, initial=self.episode, disable=not self.progress, unit="episode",
@@ -499,7 +505,7 @@ class MetaTrainer:
         meta_steps = sum(self.episode_horizon(e) for e in range(self.episode)) // cfg.truncation
         return {"episodes": self.episode, "meta_steps": meta_steps,
                 "train_seconds": round(self.elapsed, 1), "skipped_truncations": self.skipped,
-                "best_validation": self.best, "device": str(self.device)}
+                "best_validation": self.best, "device": str(self.device), "commands": self.commands}
 
     def save_weights(self, out: str | os.PathLike, metadata: dict[str, Any]) -> Path:
         """Write the best φ as ``out.safetensors`` + ``out.json``."""
