@@ -82,16 +82,24 @@ def _start_chain(weights: str, shipped: dict[str, dict[str, Any]]) -> str:
 
 def _meta_train_commands(training: dict[str, Any], given: str | None) -> list[str]:
     """The meta-train commands that ran on the exported checkpoint, in order (a repeat of the same
-    command resumes it, so consecutive repeats are one step of the chain). A checkpoint from before
-    commands were recorded needs the command given, and it is checked against the recorded settings."""
-    recorded = [str(entry["command"]) for entry in training.get("commands") or []]
-    if recorded:
+    command resumes it, so consecutive repeats are one step of the chain). A checkpoint begun before
+    commands were recorded needs its first command given, checked against the recorded settings."""
+    entries = training.get("commands") or []
+    recorded = [str(entry["command"]) for entry in entries]
+    if entries and entries[0]["from_episode"] == 0:
         if given is not None:
             raise ValueError("the checkpoint records its meta-train commands; drop --meta-train-command")
-        return [c for i, c in enumerate(recorded) if i == 0 or c != recorded[i - 1]]
-    if given is None:
-        raise ValueError("these weights were exported from a checkpoint that records no meta-train command; "
-                         "pass the command that ran it as --meta-train-command")
+    elif given is None:
+        raise ValueError("these weights were exported from a checkpoint begun before meta-train commands were "
+                         "recorded; pass the command that started it as --meta-train-command")
+    else:
+        _check_meta_train_command(given, training)
+        recorded.insert(0, given)
+    return [c for i, c in enumerate(recorded) if i == 0 or c != recorded[i - 1]]
+
+
+def _check_meta_train_command(given: str, training: dict[str, Any]) -> None:
+    """Refuse a meta-train command whose settings or workdir are not the ones the weights record."""
     from learned_optim.cli import build_parser, meta_train_config
 
     words = shlex.split(given)
@@ -111,7 +119,6 @@ def _meta_train_commands(training: dict[str, Any], given: str | None) -> list[st
     if "exported_from" in training and Path(training["exported_from"]).parent != workdir:
         raise ValueError(f"--meta-train-command ran in {workdir}, but the weights were exported from "
                          f"{training['exported_from']}")
-    return [given]
 
 
 def suite_evaluation(suite: dict[str, Any], weights: str, suite_file: str) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def test_an_exported_run_is_chained_through_the_weights_it_started_from(tmp_path
     capsys.readouterr()
     with pytest.raises(SystemExit):
         ship_weights.main([*argv, "--replace"])
-    assert "pass the command that ran it as --meta-train-command" in capsys.readouterr().err
+    assert "pass the command that started it as --meta-train-command" in capsys.readouterr().err
     other = shlex.join(["learned-optim", *run, "--meta-lr", "0.01"])
     with pytest.raises(SystemExit):
         ship_weights.main([*argv, "--replace", "--meta-train-command", other])
@@ -116,3 +116,14 @@ def test_an_exported_run_is_chained_through_the_weights_it_started_from(tmp_path
     assert "but the weights were exported from" in capsys.readouterr().err
     assert ship_weights.main([*argv, "--replace", "--meta-train-command", shlex.join(["learned-optim", *run])]) == 0
     assert json.loads((tmp_path / "p" / "chained.json").read_text())["command"].startswith(made.rsplit(" && ", 1)[0])
+    # ...and one resumed since by a recorded command: the given start, then the recorded resume.
+    resumed = shlex.join(["learned-optim", *run, "--episodes", "2"])
+    checkpoint["commands"] = json.dumps([{"command": resumed, "from_episode": 1}])
+    torch.save(checkpoint, tmp_path / "run.run" / "checkpoint.pt")
+    assert cli(export) == 0
+    with pytest.raises(SystemExit):
+        ship_weights.main([*argv, "--replace"])
+    assert "--meta-train-command" in capsys.readouterr().err
+    assert ship_weights.main([*argv, "--replace", "--meta-train-command", shlex.join(["learned-optim", *run])]) == 0
+    steps = json.loads((tmp_path / "p" / "chained.json").read_text())["command"].split(" && ")
+    assert steps[-4:-1] == [shlex.join(["learned-optim", *run]), resumed, shlex.join(["learned-optim", *export])]
