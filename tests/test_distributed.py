@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 
-def _make(name: str, params) -> torch.optim.Optimizer:
-    return learned_optim.create(name, params, **dict(learned_optim.info(name).example_kwargs))
+def _make(name: str, params, **overrides) -> torch.optim.Optimizer:
+    return learned_optim.create(name, params, **{**dict(learned_optim.info(name).example_kwargs), **overrides})
 
 
 def _model() -> nn.Module:
@@ -42,10 +42,10 @@ def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(name: str, model: nn.Module, shard: tuple[int, int] | None = None,
-           record: dict | None = None) -> list[torch.Tensor]:
-    """STEPS steps of ``name`` on the global batches, or on shard (rank, world) of each;
-    ``record`` gets AdaptiveBatchSGD's suggested batch size."""
-    optimizer = _make(name, model.parameters())
+           record: dict | None = None, **overrides) -> list[torch.Tensor]:
+    """STEPS steps of ``name`` (with ``overrides`` of its arguments) on the global batches, or on
+    shard (rank, world) of each; ``record`` gets AdaptiveBatchSGD's suggested batch size."""
+    optimizer = _make(name, model.parameters(), **overrides)
     for step in range(STEPS):
         x, y = _global_batch(step)
         if shard is not None:
@@ -91,6 +91,9 @@ def _fully_shard():
 
 
 SHARDED = NAMES
+#: Sharded, NTM-BFGS's memory="auto" takes the limited form, which is the only one that shards;
+#: a single process would take the dense one for this small model, so both are told "limited".
+FSDP_OVERRIDES = {"ntm-bfgs": {"memory": "limited"}}
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -104,7 +107,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         for name in SHARDED:
             model = _model()
             _fully_shard()(model, mesh=mesh)
-            _train(name, model, shard=(rank, world), record=results.setdefault("suggested", {}))
+            _train(name, model, shard=(rank, world), record=results.setdefault("suggested", {}),
+                   **FSDP_OVERRIDES.get(name, {}))
             results[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
         # A NaN in one rank's shard only: both ranks refuse the step (no rank is left waiting
         # in an all-reduce), naming the same parameter, and nothing changes.
@@ -124,6 +128,11 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         results["nan-unchanged"] = all(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
         model = _model()
         _fully_shard()(model, mesh=mesh)
+        optimizer = learned_optim.NTMBFGS(model.parameters())  # memory="auto" (the default weights')
+        nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        optimizer.step()
+        results["ntm-bfgs-auto-memory"] = [tuple(state["memory"].shape) for state in optimizer.state.values()
+                                           if "memory" in state]
         try:
             learned_optim.NTMBFGS(model.parameters(), memory="dense")
         except ValueError as error:
@@ -170,11 +179,20 @@ def fsdp_results(tmp_path_factory) -> list[dict]:
 def test_fsdp_matches_a_single_process_on_the_global_batch(name, fsdp_results):
     """Float64 params; the learned rules compute in float32, where summing their averages and
     inner products shard by shard rounds differently, hence their looser tolerance (float32's)."""
-    single = _train(name, _model())
+    single = _train(name, _model(), **FSDP_OVERRIDES.get(name, {}))
     tolerance = dict(rtol=1e-5, atol=1e-6) if name in ("lstm-gac", "ntm-bfgs") else dict(rtol=1e-6, atol=1e-9)
     for rank, results in enumerate(fsdp_results):
         for p, q in zip(results[name], single):
             torch.testing.assert_close(p, q, **tolerance, msg=lambda m: f"rank {rank}: {m}")
+
+
+def test_ntm_bfgs_auto_memory_takes_the_limited_form_on_sharded_parameters(fsdp_results):
+    """The default weights' memory="auto" would take the dense form for this 67-coordinate model in
+    one process; sharded, it takes the limited one, (groups, 2, K, this rank's coordinates)."""
+    capacity = learned_optim.NTMBFGS([torch.nn.Parameter(torch.zeros(1))]).rule.config.memory_capacity
+    for rank, results in enumerate(fsdp_results):
+        (shape,) = results["ntm-bfgs-auto-memory"]
+        assert shape[1:3] == (2, capacity) and len(shape) == 4, (rank, shape)
 
 
 def test_ntm_bfgs_refuses_a_dense_memory_on_sharded_parameters_by_name(fsdp_results):

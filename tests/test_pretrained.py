@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-trust")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-bases")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -155,7 +155,7 @@ def test_ntm_bfgs_lstm_controller_is_the_lstm_default_as_controller_with_trained
 
 
 def test_ntm_bfgs_trust_is_ntm_bfgs_lstm_controller_with_the_trust_region_alone():
-    """ntm-bfgs-trust (NTMBFGS's default) adds one fixed option to ntm-bfgs-lstm-controller: the same
+    """ntm-bfgs-trust (NTMBFGS's default before ntm-bfgs-bases) adds one fixed option to ntm-bfgs-lstm-controller: the same
     tensors (the hash the loader checks), the same config but trust_ratio = 1000; its metadata holds
     the whole chain of commands, from the meta-training to the packaging, and the suite's scores."""
     from learned_optim import NTMBFGSConfig, available_weights
@@ -167,6 +167,36 @@ def test_ntm_bfgs_trust_is_ntm_bfgs_lstm_controller_with_the_trust_region_alone(
     assert NTMBFGSConfig.from_dict(dict(mine["config"], trust_ratio=None)) == NTMBFGSConfig.from_dict(theirs["config"])
     assert mine["command"].startswith(theirs["command"] + " && python benchmarks/set_config.py")
     assert "--set trust_ratio=1000" in mine["command"] and "benchmarks/ship_weights.py" in mine["command"]
+    assert mine["evaluation"]["diverged"] == 0 and mine["evaluation"]["geomean_ratio_to_tuned_adam"] < 0.9
+
+
+def test_ntm_bfgs_bases_is_ntm_bfgs_trust_with_bfgs_bases_and_its_learned_part_retrained():
+    """ntm-bfgs-bases (NTMBFGS's default) is ntm-bfgs-trust with two options set (memory="auto",
+    bfgs_write_bases) and, of its tensors, only what the meta-train command named as trainable
+    moved (the heads' readout and the controller's two read-input rows); its metadata holds the
+    whole chain: ntm-bfgs-trust's commands, set_config, meta-train, export and the packaging."""
+    import torch
+
+    from learned_optim import NTMBFGSConfig, available_weights
+    from learned_optim.rules import load_rule
+
+    weights = available_weights()
+    mine, theirs = weights["ntm-bfgs-bases"], weights["ntm-bfgs-trust"]
+    assert NTMBFGSConfig.from_dict(dict(mine["config"], memory="limited", bfgs_write_bases=False)) == \
+        NTMBFGSConfig.from_dict(theirs["config"])
+    assert mine["config"]["memory"] == "auto" and mine["config"]["bfgs_write_bases"] is True
+    assert mine["meta_training"]["trainable"] == ["heads.readout.weight", "heads.readout.bias",
+                                                   "controller.core.weights.0[7:9]"]
+    ours, start = load_rule("ntm-bfgs-bases")[0].state_dict(), load_rule("ntm-bfgs-trust")[0].state_dict()
+    moved = {name for name in ours if not torch.equal(ours[name], start[name])}
+    assert moved == {"heads.readout.weight", "heads.readout.bias", "controller.core.weights.0"}
+    first = ours["controller.core.weights.0"]
+    rows = torch.ones(first.shape[0], dtype=torch.bool)
+    rows[7:9] = False
+    assert torch.equal(first[rows], start["controller.core.weights.0"][rows])
+    steps = mine["command"].split(" && ")
+    assert mine["command"].startswith(theirs["command"] + " && python benchmarks/set_config.py --weights ntm-bfgs-trust")
+    assert [s.split()[1] for s in steps[-3:]] == ["meta-train", "export", "benchmarks/ship_weights.py"]
     assert mine["evaluation"]["diverged"] == 0 and mine["evaluation"]["geomean_ratio_to_tuned_adam"] < 0.9
 
 

@@ -39,15 +39,17 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 
-#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-trust", which is
-#: "ntm-bfgs-lstm-controller" (controller: LSTMOptimizer's default "suite-steps-t500", clamped
-#: directions, the whole step annealed by √(500/t) past step 500; memory heads meta-trained for it
-#: on the suite's families) with the memory's trust region τ = 1000 (the memory is reset where its
-#: step outgrows 1000 times the controller's: without it, converged MNIST MLPs blew up late).
-#: "ntm-bfgs-decay" (the default before it) ends lower on small MLPs but stalls on transformers;
-#: "ntm-bfgs-mnist" is an MNIST-MLP specialist; "ntm-bfgs-quadratic" is far ahead on the paper's
-#: quadratics and diverges on Rosenbrock and on small MLPs.
-NTM_DEFAULT_WEIGHTS = "ntm-bfgs-trust"
+#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-bases", which is
+#: "ntm-bfgs-trust" (controller: LSTMOptimizer's default "suite-steps-t500"; memory heads
+#: meta-trained for it on the suite's families; the memory's trust region τ = 1000) with the dense
+#: memory for small param groups (memory="auto"), BFGS's own write bases (bfgs_write_bases: the
+#: secant algebra exact, so the paper's quadratics are solved), and the part those options leave
+#: learned (read multiplier, write modulations, the controller's read inputs) meta-trained again.
+#: "ntm-bfgs-trust" (the default before it) has the learned bases and the limited memory;
+#: "ntm-bfgs-decay" ends lower on small MLPs but stalls on transformers; "ntm-bfgs-mnist" is an
+#: MNIST-MLP specialist; "ntm-bfgs-quadratic" is ahead on the paper's quadratics and diverges on
+#: Rosenbrock and on small MLPs.
+NTM_DEFAULT_WEIGHTS = "ntm-bfgs-bases"
 
 
 @register(
@@ -59,7 +61,7 @@ NTM_DEFAULT_WEIGHTS = "ntm-bfgs-trust"
 class NTMBFGS(LearnedRuleOptimizer):
     """The learned quasi-Newton optimizer NTM-BFGS; one line replaces Adam::
 
-        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-trust")
+        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-bases")
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. Each param
