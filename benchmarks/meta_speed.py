@@ -12,8 +12,8 @@ Settings (the ones the shipped weights were trained with):
 * ``suite-mix-pes``: the last meta-training stage of the LSTMOptimizer default (PES, 4 antithetic
   pairs, K = 2 tasks of the suite's families, reparametrized, its two step-size tensors trained),
   from the default weights, the paper's MNIST MLP in the mix as in that stage (needs ``--data``);
-* ``ntm-bfgs-suite-mix-pes``: the same for the NTMBFGS default's own stage (heads and the
-  controller's extra input rows trained; needs ``--data``).
+* ``ntm-bfgs-suite-mix-pes``: the same for the NTMBFGS default's own last stage (the quadratics
+  added to the mix; the heads' readout and the controller's read-input rows trained; needs ``--data``).
 
 The suite settings time episodes of T = 100 (5 meta-steps): a meta-step's cost does not depend on
 the episode's length, so seconds per meta-step times a recipe's meta-steps estimates its training time.
@@ -56,10 +56,10 @@ def settings(data: str | None) -> dict[str, dict]:
                      task_kwargs={"root": data, "extra": [["mnist-mlp", {"root": data, "part": "meta-train"}]]})
         out["suite-mix-pes"] = dict(rule="lstm-gac", init_weights=DEFAULT_WEIGHTS, pes_sigma=0.001,
                                     trainable=["momentum_weight", "momentum_bias"], **suite)
-        out["ntm-bfgs-suite-mix-pes"] = dict(
+        ntm_suite = dict(suite, task_kwargs={**suite["task_kwargs"], "extra": [*suite["task_kwargs"]["extra"], "quadratic"]})
+        out["ntm-bfgs-suite-mix-pes"] = dict(  # ntm-bfgs-bases' stage: BFGS's bases fixed, the readout and read rows trained
             rule="ntm-bfgs", init_weights=NTM_DEFAULT_WEIGHTS, pes_sigma=0.01,
-            trainable=["heads.readout.weight", "heads.readout.bias", "heads.left_basis", "heads.right_basis",
-                       "heads.write_coefficients", "controller.core.weights.0[7:9]"], **suite)
+            trainable=["heads.readout.weight", "heads.readout.bias", "controller.core.weights.0[7:9]"], **ntm_suite)
     return out
 
 
