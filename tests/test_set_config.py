@@ -67,6 +67,7 @@ def test_set_config_refuses_what_it_cannot_change_by_name(assignment, message):
     ("suite-time-half", "trust_ratio=10", "unknown LSTMGACConfig fields: \\['trust_ratio'\\]"),  # NTM-BFGS's own
     ("ntm-bfgs-lstm-controller", "trust_ratio=0", "trust_ratio must be a finite positive number"),
     ("ntm-bfgs-trust", 'memory="banana"', "memory must be one of \\('auto', 'dense', 'limited'\\), got 'banana'"),
+    ("suite-steps-t500", "momentum_rms_decay=0.98", "must exceed the square of every momentum decay"),
 ])
 def test_set_config_refuses_a_bad_value_through_the_configs_own_check(tmp_path, capsys, source, assignment, message):
     with pytest.raises(SystemExit):
@@ -102,6 +103,19 @@ def test_set_config_fixes_the_write_bases_at_bfgs_keeping_the_tensors(tmp_path):
     rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-trust", "bfgs_write_bases=true")
     assert rule.config.bfgs_write_bases and rule.heads.bfgs_bases
     assert meta["set_config"]["changes"] == {"bfgs_write_bases": True}
+
+
+def test_set_config_sets_the_second_moment_decay_keeping_the_tensors(tmp_path):
+    """β₂ of v: after gradients 1 then 0, v = β₂·(1−β₂) by hand, so the rule state shows which β₂ ran."""
+    rule, meta = _set_keeping_the_tensors(tmp_path, "suite-steps-t500", "momentum_rms_decay=0.99")
+    assert rule.config.momentum_rms_decay == 0.99 and meta["set_config"]["changes"] == {"momentum_rms_decay": 0.99}
+    theta = torch.zeros(3, requires_grad=True)
+    opt = LSTMOptimizer([theta], weights=str(tmp_path / "set"))
+    for grad in (1.0, 0.0):
+        theta.grad = torch.full((3,), grad)
+        opt.step()
+    v = opt.state[theta]["rule_state"][-2]  # the rows end with v, then the step count
+    torch.testing.assert_close(v, torch.full((3,), 0.99 * 0.01))
 
 
 def test_set_config_validates_source_and_result_on_held_out_tasks_when_asked(tmp_path, capsys):
