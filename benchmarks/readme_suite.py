@@ -1,6 +1,8 @@
 """Put a suite run's summary and ratio matrix into README.md, between the markers
 ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` (or at ``<!-- SUITE-TABLES -->`` the first
-time), and copy its full report and plot to docs/NAME.md and docs/NAME.png:
+time), and copy its full report and plot to docs/NAME.md and docs/NAME.png. A block whose
+markers are in docs/suite-history.md (the earlier defaults, moved out of the README) is
+rewritten there, with its links relative to docs/:
 
     python benchmarks/readme_suite.py results/suite-v3 suite-default
 
@@ -13,6 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+HISTORY = Path("docs/suite-history.md")
+
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
@@ -24,21 +28,25 @@ def main(argv: list[str]) -> int:
     summary, _, _ = rest.partition("\n\n**")
     Path(f"docs/{name}.md").write_text(md)
     shutil.copy(src / "suite.png", f"docs/{name}.png")
-    block = (f"<!-- {name}:begin -->\n{header}\n\n{summary.strip()}\n\nPer-task tables (median, IQR, ratio, "
-             f"speedup, divergences, ms per step against Adam's): [docs/{name}.md](docs/{name}.md).\n\n"
-             f"![{name}](docs/{name}.png)\n<!-- {name}:end -->")
-    readme = Path("README.md").read_text()
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin in readme:
-        a, b = readme.index(begin), readme.index(end) + len(end)
-        readme = readme[:a] + block + readme[b:]
-    elif "<!-- SUITE-TABLES -->" in readme:
-        readme = readme.replace("<!-- SUITE-TABLES -->", block + "\n\n<!-- SUITE-TABLES -->")
+    target, prefix = Path("README.md"), "docs/"
+    if begin not in target.read_text() and HISTORY.exists() and begin in HISTORY.read_text():
+        target, prefix = HISTORY, ""  # a page in docs/: its links are relative to docs/
+    block = (f"{begin}\n{header}\n\n{summary.strip()}\n\nPer-task tables (median, IQR, ratio, "
+             f"speedup, divergences, ms per step against Adam's): [docs/{name}.md]({prefix}{name}.md).\n\n"
+             f"![{name}]({prefix}{name}.png)\n{end}")
+    text = target.read_text()
+    if begin in text:
+        a, b = text.index(begin), text.index(end) + len(end)
+        text = text[:a] + block + text[b:]
+    elif "<!-- SUITE-TABLES -->" in text:
+        text = text.replace("<!-- SUITE-TABLES -->", block + "\n\n<!-- SUITE-TABLES -->")
     else:
-        print("README.md has neither the markers nor <!-- SUITE-TABLES -->", file=sys.stderr)
+        print(f"neither README.md nor {HISTORY} has the markers, and README.md has no <!-- SUITE-TABLES -->",
+              file=sys.stderr)
         return 1
-    Path("README.md").write_text(readme)
-    print(f"README.md: {name} block written; docs/{name}.md and .png copied")
+    target.write_text(text)
+    print(f"{target}: {name} block written; docs/{name}.md and .png copied")
     return 0
 
 
