@@ -167,6 +167,32 @@ def test_backtracking_steps_halfway_back_after_a_step_that_raised_the_loss():
         assert got[1].item() == pytest.approx(want, abs=1e-12)  # BFGS: H = 1/A after one secant write
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_reset_on_backtrack_starts_the_memory_again_where_the_backtrack_fires(in_place):
+    """The backtracking case by hand (f = ½θ², θ₀ = 1, γ = 3): step 2 writes the pair s = y = −3, so
+    BFGS's M is 1/A = 1, and steps back +1.5. With ``reset_on_backtrack`` the same step is taken, but
+    M is M₀ = 3 again after it and the carried read i₂ is M₀'s, 3·∇₂ = −6 (without it, M·∇₂ = −2).
+    Forward and the drop-in's step_ agree."""
+    for reset, memory_after, read_after in ((False, 1.0, -2.0), (True, 3.0, -6.0)):
+        rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=3.0, curvature_eps=0.0,
+                                         reset_on_backtrack=reset), heads=BFGSHeads(0.0)).double()
+        layout = rule.segments([1])
+        coords, memory = rule.init_state(1, segments=layout)
+        theta, updates = torch.ones(1, dtype=F64), []
+        for _ in range(2):
+            with torch.no_grad():
+                if in_place:
+                    update = torch.empty(1, dtype=F64)
+                    memory = rule.step_(theta.clone(), (coords, memory), layout, update)
+                else:
+                    update, (coords, memory) = rule(theta.clone(), (coords, memory), layout)
+            theta = theta + update
+            updates.append(update.item())
+        assert updates == pytest.approx([-3.0, 1.5], abs=1e-12)
+        torch.testing.assert_close(memory, torch.full((1, 1, 1), memory_after, dtype=F64))
+        torch.testing.assert_close(coords[-1], torch.full((1,), read_after, dtype=F64))
+
+
 def test_curvature_condition_skips_writes_that_would_break_positive_definiteness():
     """On f = −½θ² (yᵀs < 0) BFGS's write would flip M's sign; the rule writes nothing."""
     rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.1, backtrack=False), heads=BFGSHeads()).double()
@@ -390,7 +416,8 @@ def test_config_round_trips_and_bad_configs_are_refused_by_name():
                        ({"controller": {"extra_inputs": 0}}, "extra_inputs"), ({"heads": 3}, "unknown"),
                        ({"trust_ratio": 0}, "trust_ratio"), ({"trust_ratio": float("inf")}, "trust_ratio"),
                        ({"trust_ratio": True}, "trust_ratio"), ({"bfgs_write_bases": "yes"}, "bfgs_write_bases"),
-                       ({"backtrack": 1}, "backtrack must be True or False")):
+                       ({"backtrack": 1}, "backtrack must be True or False"),
+                       ({"reset_on_backtrack": "yes"}, "reset_on_backtrack must be True or False")):
         with pytest.raises(ValueError, match=match):
             NTMBFGSConfig.from_dict(bad)
 

@@ -91,6 +91,11 @@ def test_set_config_sets_ntm_bfgs_trust_ratio_keeping_the_tensors(tmp_path):
     assert rule.config.trust_ratio == 50.0 and meta["set_config"]["changes"] == {"trust_ratio": 50}
 
 
+def test_set_config_sets_reset_on_backtrack_keeping_the_tensors(tmp_path):
+    rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-bases", "reset_on_backtrack=true")
+    assert rule.config.reset_on_backtrack and meta["set_config"]["changes"] == {"reset_on_backtrack": True}
+
+
 def test_set_config_sets_the_memory_form_keeping_the_tensors(tmp_path):
     """memory="auto": dense memory for groups of up to 1,024 coordinates, the limited form above."""
     rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-trust", 'memory="auto"')

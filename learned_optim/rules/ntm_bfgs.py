@@ -34,7 +34,12 @@ yᵀs > ε·‖y‖·‖s‖ (curvature condition; always at t = 0, when s = 0).
 (default), a step that raised f, by the gradient estimate f(θ_t) − f(θ_{t−1}) ≈
 ½·(∇_t + ∇_{t−1})ᵀ·s_{t−1} (exact on quadratics), is followed by −s_{t−1}/2 instead: the line
 search the rule cannot do with function values. Without it, BFGS's unit steps diverged on
-some of the paper's quadratics in float32. With ``reset_indefinite`` (default), M starts again
+some of the paper's quadratics in float32. With ``reset_on_backtrack`` (off unless set), M also
+starts again from M₀ wherever the backtrack fires: the step just taken through M went uphill, so M is
+no estimate to follow (on noisy minibatches late in training, where a faster v keeps the steps
+long, full steps and half steps back alternate and M, written from those pairs, then gave single
+steps of 5–100× the controller's, throwing a converged MNIST net back above its initial loss).
+With ``reset_indefinite`` (default), M starts again
 from M₀ wherever a quadratic form of it that the rule sees is negative: ∇_tᵀ·M_{t+1}·∇_t (the
 memory's step −i_t would go uphill: this step reads M₀ instead, and the next write is made
 onto M₀) or yᵀ·M_t·y (BFGS's write presumes it positive; the pair is written onto M₀). No
@@ -110,6 +115,7 @@ class NTMBFGSConfig:
     initial_scale: float = 0.01  # γ: M₀ = γ·I (the first step is −γ·∇ plus the controller's)
     curvature_eps: float = 1e-3  # ε of the skip rule: write only if yᵀs > ε·‖y‖·‖s‖ (bounds the learnable curvature)
     backtrack: bool = True  # step back −s/2 when the last step raised f (estimated from gradients)
+    reset_on_backtrack: bool = False  # M back to M₀ where the backtrack fires (the step through M went uphill)
     reset_indefinite: bool = True  # M back to M₀ where yᵀMy < 0 (before a write) or ∇ᵀM∇ < 0 (after it)
     detach_memory: bool = True  # meta-gradients do not flow through the memory carried between steps
     trust_ratio: float | None = None  # τ: M back to M₀ where the memory's step exceeds τ × the controller's (group norms)
@@ -133,7 +139,7 @@ class NTMBFGSConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-        for name in ("backtrack", "reset_indefinite", "detach_memory", "bfgs_write_bases"):
+        for name in ("backtrack", "reset_on_backtrack", "reset_indefinite", "detach_memory", "bfgs_write_bases"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         ratio = self.trust_ratio
@@ -477,7 +483,23 @@ class NTMBFGSRule(nn.Module):
             # step raised f, go halfway back instead; a line search with no function values.
             rise = groups.dot(grad + prev_grad, prev_step) > 0
             update = torch.where(rise, -0.5 * prev_step, update)
+            if cfg.reset_on_backtrack:  # the step through M went uphill: M starts again from M₀
+                read, memory_state = self._reset_where(groups.any(rise), key, read, memory_state, layout)
         return update, torch.stack((grad, key, update, read)), memory_state
+
+    def _reset_where(self, where: Tensor, key: Tensor, read: Tensor, memory_state: Tensor,
+                     layout: NTMLayout) -> tuple[Tensor, Tensor]:
+        """The memory back at M₀ in the groups flagged in ``where`` (G,), and the carried read i_t
+        there M₀'s (the next step's My = M·r_t − i_t then holds for the reset M)."""
+        groups, memory = layout.groups, layout.memory
+        if where.device.type == "cpu" and not bool(where.any()):
+            return read, memory_state  # nothing to reset (asking is free on the CPU)
+        (m0_read,) = _reads_of_m0(memory, groups, where, (key, read))
+        # the written memory is a fresh tensor: without autograd it is reset in place (a functional
+        # reset would allocate the whole memory again every step: 240 bytes per parameter at K = 30)
+        if torch.is_grad_enabled() and memory_state.requires_grad:
+            return m0_read, memory.reset(memory_state, where)
+        return m0_read, memory.reset_(memory_state, where)
 
     def _within_trust(self, ctx: HeadInputs, heads: Heads, key: Tensor, update: Tensor, read: Tensor,
                       memory_state: Tensor, layout: NTMLayout, decay: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -486,7 +508,7 @@ class NTMBFGSRule(nn.Module):
         again from M₀ now, this step reads M₀ and the carried read i_t is M₀'s. Such memories come
         from pairs whose gradient change y is tiny beside the step s (minibatch noise on a
         converged net: ‖M‖ ~ ‖s‖/‖y‖), read with a larger gradient. Elsewhere nothing changes."""
-        groups, memory = layout.groups, layout.memory
+        groups = layout.groups
         controller = ctx.controller_update
         own = update - controller  # the memory's step
         ratio = cast(float, self.config.trust_ratio)
@@ -495,11 +517,6 @@ class NTMBFGSRule(nn.Module):
         outside = groups.any((squared > ratio * ratio * groups.dot(controller, controller)) | ~torch.isfinite(squared))
         if outside.device.type == "cpu" and not bool(outside.any()):
             return update, read, memory_state  # asking is free on the CPU (a GPU would wait for the device)
-        (m0_read,) = _reads_of_m0(memory, groups, outside, (key, read))
+        m0_read, memory_state = self._reset_where(outside, key, read, memory_state, layout)
         fallback = heads.output(ctx, m0_read if decay is None else m0_read * decay)
-        update = torch.where(groups.expand(outside), fallback, update)
-        # the written memory is a fresh tensor: without autograd it is reset in place (a functional
-        # reset would allocate the whole memory again every step: 240 bytes per parameter at K = 30)
-        if torch.is_grad_enabled() and memory_state.requires_grad:
-            return update, m0_read, memory.reset(memory_state, outside)
-        return update, m0_read, memory.reset_(memory_state, outside)
+        return torch.where(groups.expand(outside), fallback, update), m0_read, memory_state
