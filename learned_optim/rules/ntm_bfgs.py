@@ -38,7 +38,7 @@ some of the paper's quadratics in float32. With ``reset_on_backtrack`` (off unle
 starts again from M₀ wherever the backtrack fires: the step just taken through M went uphill, so M is
 no estimate to follow (on noisy minibatches late in training, where a faster v keeps the steps
 long, full steps and half steps back alternate and M, written from those pairs, then gave single
-steps of 5–100× the controller's, throwing a converged MNIST net back above its initial loss).
+steps 10–100× longer than the ones before, throwing a converged MNIST net back above its initial loss).
 With ``reset_indefinite`` (default), M starts again
 from M₀ wherever a quadratic form of it that the rule sees is negative: ∇_tᵀ·M_{t+1}·∇_t (the
 memory's step −i_t would go uphill: this step reads M₀ instead, and the next write is made
