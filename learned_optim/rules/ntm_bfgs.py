@@ -72,101 +72,30 @@ is how the memory algebra is proven against BFGS and L-BFGS.
 
 The rule is functional: ``rule(grad, (coords, memory), layout) -> (update, new_state)``,
 used under ``no_grad`` by :class:`~learned_optim.NTMBFGS` and with the graph by the
-meta-trainer.
+meta-trainer. Its config is in :mod:`~learned_optim.rules.ntm_bfgs_config`, the heads in
+:mod:`~learned_optim.rules.ntm_heads`, the memory's forms in :mod:`~learned_optim.rules.ntm_memory`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol, cast
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .lstm_gac import STEP_CHUNK, LSTMGACConfig, LSTMGACRule, widened_inputs
-from .lstm_gac_config import reject_unknown_fields
+from .lstm_gac import STEP_CHUNK, LSTMGACRule, widened_inputs
+from .ntm_bfgs_config import CARRIED_ROWS, MEMORY_FORMS, NTMBFGSConfig
+from .ntm_heads import BFGSHeads, HeadInputs, Heads, LearnedHeads, bfgs_scalars
 from .ntm_memory import DenseMemory, LimitedMemory, MemoryGroups, choose_memory
 from .preprocess import log_sign_preprocess
 from .segments import Segments
 
+# the config and heads live in their own modules; their names stay importable from here
 __all__ = ["NTMBFGSConfig", "NTMBFGSRule", "NTMLayout", "HeadInputs", "BFGSHeads", "LearnedHeads",
-           "bfgs_scalars"]
-
-MEMORY_FORMS = ("auto", "dense", "limited")
-_CARRIED = 4  # rows per coordinate after the controller's: previous gradient ∇, key r, step s, read i
-
-
-def _default_controller() -> LSTMGACConfig:
-    return LSTMGACConfig(extra_inputs=2)
-
-
-@dataclass(frozen=True)
-class NTMBFGSConfig:
-    """Architecture of the rule (saved with its weights). The controller is an LSTM+GAC
-    config whose two extra inputs are the preprocessed previous read."""
-
-    controller: LSTMGACConfig = field(default_factory=_default_controller)
-    write_heads: int = 3  # W; BFGS needs 3
-    memory: str = "auto"  # "dense", "limited", or "auto" (dense up to 1,024 coordinates per group)
-    memory_capacity: int = 30  # K write pairs kept by the limited form (10 steps of 3 heads)
-    initial_scale: float = 0.01  # γ: M₀ = γ·I (the first step is −γ·∇ plus the controller's)
-    curvature_eps: float = 1e-3  # ε of the skip rule: write only if yᵀs > ε·‖y‖·‖s‖ (bounds the learnable curvature)
-    backtrack: bool = True  # step back −s/2 when the last step raised f (estimated from gradients)
-    reset_on_backtrack: bool = False  # M back to M₀ where the backtrack fires (the step through M went uphill)
-    reset_indefinite: bool = True  # M back to M₀ where yᵀMy < 0 (before a write) or ∇ᵀM∇ < 0 (after it)
-    detach_memory: bool = True  # meta-gradients do not flow through the memory carried between steps
-    trust_ratio: float | None = None  # τ: M back to M₀ where the memory's step exceeds τ × the controller's (group norms)
-    bfgs_write_bases: bool = False  # write vectors and coefficients (P, Q, α) fixed at BFGS's; only the modulations learned
-
-    def __post_init__(self) -> None:
-        if isinstance(self.controller, dict):
-            object.__setattr__(self, "controller", LSTMGACConfig.from_dict(self.controller))
-        if self.controller.extra_inputs != 2:
-            raise ValueError(f"the controller's extra_inputs must be 2 (the preprocessed previous read), "
-                             f"got {self.controller.extra_inputs}")
-        if not isinstance(self.write_heads, int) or isinstance(self.write_heads, bool) or self.write_heads < 1:
-            raise ValueError(f"write_heads must be a positive integer, got {self.write_heads!r}")
-        if self.memory not in MEMORY_FORMS:
-            raise ValueError(f"memory must be one of {MEMORY_FORMS}, got {self.memory!r}")
-        if not isinstance(self.memory_capacity, int) or isinstance(self.memory_capacity, bool) \
-                or self.memory_capacity < self.write_heads:
-            raise ValueError(f"memory_capacity must be an integer ≥ write_heads ({self.write_heads}), "
-                             f"got {self.memory_capacity!r}")
-        for name in ("initial_scale", "curvature_eps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-        for name in ("backtrack", "reset_on_backtrack", "reset_indefinite", "detach_memory", "bfgs_write_bases"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        ratio = self.trust_ratio
-        if ratio is not None:
-            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
-                raise ValueError(f"trust_ratio must be a finite positive number or None, got {ratio!r}")
-            object.__setattr__(self, "trust_ratio", float(ratio))
-
-    @property
-    def state_rows(self) -> int:
-        """Rows of the per-coordinate state: the controller's, then ∇_{t−1}, r_{t−1}, s_{t−1}, i_{t−1}."""
-        return self.controller.state_rows + _CARRIED
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["controller"] = self.controller.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NTMBFGSConfig:
-        reject_unknown_fields(cls, data)
-        data = dict(data)
-        if "controller" in data:
-            controller = dict(data["controller"])
-            controller.setdefault("extra_inputs", 2)
-            data["controller"] = LSTMGACConfig.from_dict(controller)
-        return cls(**data)
+           "bfgs_scalars", "MEMORY_FORMS"]
 
 
 @dataclass
@@ -178,120 +107,12 @@ class NTMLayout:
     memory: DenseMemory | LimitedMemory
 
 
-@dataclass
-class HeadInputs:
-    """What the heads see at a step: per-coordinate vectors (N,) and the group inner products."""
-
-    grad: Tensor  # ∇_t
-    top: Tensor  # h_t (H, N): the controller's top layer
-    prev_key: Tensor  # r_{t−1}
-    prev_step: Tensor  # s_{t−1}: the rule's previous output
-    prev_read: Tensor  # i_{t−1} = M_t·r_{t−1}
-    controller_update: Tensor  # u_t: the controller's own first-order step
-    groups: MemoryGroups  # .dot(x, y): xᵀy over each coordinate's group
-    readout: Tensor | None = None  # learned heads' linear read-out of ``top``, made once per step on first use
-
-
-class Heads(Protocol):
-    """What the rule asks of its heads (:class:`LearnedHeads`, :class:`BFGSHeads`): the read key,
-    the write pairs (left, right) (W, N) given the pre-write read M_t·key, and g_t from the read."""
-
-    def key(self, ctx: HeadInputs) -> Tensor: ...
-
-    def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]: ...
-
-    def output(self, ctx: HeadInputs, read: Tensor) -> Tensor: ...
-
-
-def bfgs_scalars(y: Tensor, s: Tensor, my: Tensor, groups: MemoryGroups, eps: float) -> tuple[Tensor, Tensor]:
-    """ρ = 1/(yᵀs) and ρ²·yᵀMy per coordinate's group, both 0 where the curvature condition
-    yᵀs > ε·‖y‖·‖s‖ fails (BFGS's skip rule; also at the first step, where s = 0)."""
-    ys, yy, ss, ymy = (groups.dot(a, b) for a, b in ((y, s), (y, y), (s, s), (y, my)))
-    with torch.no_grad():  # which groups write: a finite, curvature-satisfying pair
-        ok = (ys > eps * torch.sqrt(yy) * torch.sqrt(ss)) & (ys > 0)
-        ok &= torch.isfinite(1 / ys) & torch.isfinite(ymy / ys / ys) & torch.isfinite(ymy)
-    # Safe operands where no write is made, so neither the values nor their gradients turn NaN.
-    ys = torch.where(ok, ys, torch.ones_like(ys))
-    ymy = torch.where(ok, ymy, torch.zeros_like(ymy))
-    zero = torch.zeros_like(ys)
-    return torch.where(ok, 1 / ys, zero), torch.where(ok, ymy / ys / ys, zero)
-
-
 def _reads_of_m0(memory: DenseMemory | LimitedMemory, groups: MemoryGroups, where: Tensor,
                  *reads: tuple[Tensor, Tensor]) -> list[Tensor]:
     """Each (key, read) pair's read, replaced by M₀·key = γ·key in the groups flagged in
     ``where`` (G,): the reads of a memory reset there."""
     coordinates = groups.expand(where)  # (N,)
     return [torch.where(coordinates, memory.initial_scale * key, read) for key, read in reads]
-
-
-class BFGSHeads(nn.Module):
-    """Textbook BFGS as head outputs (no parameters): r = ∇, writes (c·s, s), (−ρ·s, Hy),
-    (−ρ·Hy, s), step −i = −H_t·∇_t. The controller's output is ignored."""
-
-    write_heads = 3
-
-    def __init__(self, curvature_eps: float = 1e-3) -> None:
-        super().__init__()
-        self.curvature_eps = curvature_eps
-
-    def key(self, ctx: HeadInputs) -> Tensor:
-        return ctx.grad
-
-    def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]:
-        s, hy = ctx.prev_step, pre_read - ctx.prev_read
-        rho, rho2_yhy = bfgs_scalars(key - ctx.prev_key, s, hy, ctx.groups, self.curvature_eps)
-        c = rho + rho2_yhy
-        return torch.stack((c * s, -rho * s, -rho * hy)), torch.stack((s, hy, s))
-
-    def output(self, ctx: HeadInputs, read: Tensor) -> Tensor:
-        return -read
-
-
-class LearnedHeads(nn.Module):
-    """The learned heads, initialized to BFGS's: a per-coordinate step multiplier 2σ(η(h_t))
-    on the read, and write heads whose vectors and coefficients are learned mixtures of BFGS's
-    (global per group, so M stays a sum of the same kind of terms as BFGS's). With ``bfgs_bases``
-    the vectors and coefficients are BFGS's own, and only the modulations and the multiplier learn."""
-
-    def __init__(self, hidden_size: int, write_heads: int, curvature_eps: float, bfgs_bases: bool = False) -> None:
-        super().__init__()
-        self.write_heads, self.curvature_eps, self.bfgs_bases = write_heads, curvature_eps, bfgs_bases
-        w = write_heads
-        self.readout = nn.Linear(hidden_size, 1 + w)  # η (per coordinate), δ_w (averaged over the group)
-        nn.init.zeros_(self.readout.weight)
-        nn.init.zeros_(self.readout.bias)
-        left, right, alpha = torch.zeros(w, 2), torch.zeros(w, 2), torch.zeros(w, 2)
-        bfgs = [((1, 0), (1, 0), (1, 1)), ((1, 0), (0, 1), (-1, 0)), ((0, 1), (1, 0), (-1, 0))]
-        for head, (a, b, c) in enumerate(bfgs[:w]):
-            left[head], right[head], alpha[head] = torch.tensor(a), torch.tensor(b), torch.tensor(c)
-        self.left_basis = nn.Parameter(left)  # P_w: a_w ∝ P_w,1·s + P_w,2·My
-        self.right_basis = nn.Parameter(right)  # Q_w: b_w = Q_w,1·s + Q_w,2·My
-        self.write_coefficients = nn.Parameter(alpha)  # κ_w = α_w,1·ρ + α_w,2·ρ²·yᵀMy
-        # BFGS's own P, Q, α (bfgs_bases: used in place of the learned three, which are kept, unused)
-        self.register_buffer("_bfgs_bases", torch.stack((left, right, alpha)), persistent=False)
-
-    def _outputs(self, ctx: HeadInputs) -> Tensor:
-        if ctx.readout is None:
-            ctx.readout = torch.addmm(self.readout.bias.unsqueeze(1), self.readout.weight, ctx.top)  # (1 + W, N)
-        return ctx.readout
-
-    def key(self, ctx: HeadInputs) -> Tensor:
-        return ctx.grad  # BFGS's key; a learned one broke the secant pairs (see the module doc)
-
-    def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]:
-        s, my = ctx.prev_step, pre_read - ctx.prev_read
-        rho, rho2_ymy = bfgs_scalars(key - ctx.prev_key, s, my, ctx.groups, self.curvature_eps)
-        modulation = ctx.groups.mean(self._outputs(ctx)[1:])  # (W, N), one value per group
-        fixed = cast(Tensor, self._bfgs_bases)
-        left, right, alpha = (fixed.to(s.dtype).unbind(0) if self.bfgs_bases
-                              else (self.left_basis, self.right_basis, self.write_coefficients))
-        kappa = (alpha @ torch.stack((rho, rho2_ymy))) * 2 * torch.sigmoid(modulation)
-        basis = torch.stack((s, my))  # (2, N)
-        return kappa * (left @ basis), right @ basis
-
-    def output(self, ctx: HeadInputs, read: Tensor) -> Tensor:
-        return ctx.controller_update - 2 * torch.sigmoid(self._outputs(ctx)[0]) * read
 
 
 class NTMBFGSRule(nn.Module):
@@ -375,7 +196,7 @@ class NTMBFGSRule(nn.Module):
     def forward(self, grad: Tensor, state: tuple[Tensor, Tensor], segments: NTMLayout) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """g_t and the new state ((R, N) per coordinate, memory) from flat gradients (N,)."""
         coords, memory_state = self._checked(grad, state, segments)
-        controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
+        controller_state, carried = coords.split((self.config.controller.state_rows, CARRIED_ROWS))
         if self.config.detach_memory:  # cut the memory path (M and the carried ∇, r, s, i) between steps
             memory_state, carried = memory_state.detach(), carried.detach()
         extra = self._controller_extra(carried)
@@ -405,15 +226,15 @@ class NTMBFGSRule(nn.Module):
             raise ValueError("count (the controller's step counts held apart) goes with carried rows held apart")
         if carried is None:
             coords, memory_state = self._checked(grad, state, segments)
-            controller_state, carried = coords.split((self.config.controller.state_rows, _CARRIED))
+            controller_state, carried = coords.split((self.config.controller.state_rows, CARRIED_ROWS))
         else:
             controller_state, memory_state = state
             rows = self.config.controller.state_rows - int(count is not None)
             if controller_state.dim() != 2 or controller_state.shape != (rows, grad.shape[0]):
                 raise ValueError(f"controller state must have shape ({rows}, {grad.shape[0]}), "
                                  f"got {tuple(controller_state.shape)}")
-            if carried.shape != (_CARRIED, grad.shape[0]) or carried.dtype != self.dtype:
-                raise ValueError(f"carried rows must be {self.dtype} of shape ({_CARRIED}, {grad.shape[0]}), "
+            if carried.shape != (CARRIED_ROWS, grad.shape[0]) or carried.dtype != self.dtype:
+                raise ValueError(f"carried rows must be {self.dtype} of shape ({CARRIED_ROWS}, {grad.shape[0]}), "
                                  f"got {carried.dtype} {tuple(carried.shape)}")
             segments.memory.check_state(memory_state, segments.groups.width, segments.groups.count)
         extra = self._controller_extra(carried)
