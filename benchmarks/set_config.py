@@ -29,12 +29,12 @@ from learned_optim.rules.weights import rule_from_config
 from learned_optim.tasks import get_family
 
 #: Config fields (of an LSTM+GAC config, ``controller.`` + field inside NTM-BFGS's; ``trust_ratio``,
-#: ``reset_on_backtrack``, ``memory``, ``bfgs_write_bases`` and ``curvature_eps`` of NTM-BFGS's own) this
-#: script may set.
+#: ``reset_on_backtrack``, ``memory``, ``memory_capacity``, ``bfgs_write_bases`` and ``curvature_eps`` of
+#: NTM-BFGS's own) this script may set.
 #: ``momentum_rms_decay`` (β₂ of v) changes the normalization the inputs and directions share, not
 #: the tensors: like the others, a fixed option scored before it replaces anything.
 SETTABLE = ("direction_clip", "step_decay_after", "momentum_rms_decay", "trust_ratio", "reset_on_backtrack", "memory",
-            "bfgs_write_bases", "curvature_eps")
+            "memory_capacity", "bfgs_write_bases", "curvature_eps")
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:

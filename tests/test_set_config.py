@@ -103,6 +103,13 @@ def test_set_config_sets_the_curvature_eps_of_config_and_heads_keeping_the_tenso
     assert meta["set_config"]["changes"] == {"curvature_eps": 0.7}
 
 
+def test_set_config_sets_the_limited_memory_capacity_keeping_the_tensors(tmp_path):
+    """K = 3 (one step's three BFGS pairs): the limited memory of a group holds exactly that many."""
+    rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-bases", "memory_capacity=3")
+    assert rule.config.memory_capacity == 3 and meta["set_config"]["changes"] == {"memory_capacity": 3}
+    assert rule.segments([2000]).memory.capacity == 3
+
+
 def test_set_config_sets_the_memory_form_keeping_the_tensors(tmp_path):
     """memory="auto": dense memory for groups of up to 1,024 coordinates, the limited form above."""
     rule, meta = _set_keeping_the_tensors(tmp_path, "ntm-bfgs-trust", 'memory="auto"')
