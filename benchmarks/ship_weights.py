@@ -45,8 +45,8 @@ def command_chain(metadata: dict[str, Any], shipped: dict[str, dict[str, Any]],
         source = str(record["from"])
         if source in shipped and "command" in shipped[source]:
             before = str(shipped[source]["command"])
-        elif "command" in record.get("source", {}):
-            before = str(record["source"]["command"])
+        elif "command" in record.get("source", {}) or "set_config" in record.get("source", {}):
+            before = command_chain(record["source"], shipped)  # an unshipped source: its own chain
         else:
             raise ValueError(f"the source weights {source!r} record no command that made them")
         return f"{before} && {record['command']}"

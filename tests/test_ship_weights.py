@@ -127,3 +127,19 @@ def test_an_exported_run_is_chained_through_the_weights_it_started_from(tmp_path
     assert ship_weights.main([*argv, "--replace", "--meta-train-command", shlex.join(["learned-optim", *run])]) == 0
     steps = json.loads((tmp_path / "p" / "chained.json").read_text())["command"].split(" && ")
     assert steps[-4:-1] == [shlex.join(["learned-optim", *run]), resumed, shlex.join(["learned-optim", *export])]
+
+
+def test_two_set_config_steps_from_shipped_weights_keep_the_shipped_chain(tmp_path):
+    """set_config on set_config's output (neither shipped): the chain is the shipped source's whole
+    command, then both set_config commands in order, then the packaging."""
+    first, second = tmp_path / "b985", tmp_path / "k3"
+    assert set_config.main(["--weights", "ntm-bfgs-lstm-controller", "--set", "controller.momentum_rms_decay=0.985",
+                            "--out", str(first)]) == 0
+    assert set_config.main(["--weights", str(first), "--set", "memory_capacity=3", "--out", str(second)]) == 0
+    suite = _suite_file(tmp_path / "suite.json", f"ntm-bfgs:{second}")
+    argv = ["--weights", str(second), "--name", "k3", "--suite", str(suite), "--note", "n", "--into", str(tmp_path / "p")]
+    assert ship_weights.main(argv) == 0
+    source = json.loads((ROOT / "pretrained" / "ntm-bfgs-lstm-controller.json").read_text())["command"]
+    made = json.loads((tmp_path / "p" / "k3.json").read_text())["command"]
+    commands = [load_rule(path)[1]["set_config"]["command"] for path in (first, second)]
+    assert made.startswith(" && ".join([source, *commands]) + " && python benchmarks/ship_weights.py")
