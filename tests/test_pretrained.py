@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-bases")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-k3")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -171,7 +171,7 @@ def test_ntm_bfgs_trust_is_ntm_bfgs_lstm_controller_with_the_trust_region_alone(
 
 
 def test_ntm_bfgs_bases_is_ntm_bfgs_trust_with_bfgs_bases_and_its_learned_part_retrained():
-    """ntm-bfgs-bases (NTMBFGS's default) is ntm-bfgs-trust with two options set (memory="auto",
+    """ntm-bfgs-bases (NTMBFGS's default before ntm-bfgs-k3) is ntm-bfgs-trust with two options set (memory="auto",
     bfgs_write_bases) and, of its tensors, only what the meta-train command named as trainable
     moved (the heads' readout and the controller's two read-input rows); its metadata holds the
     whole chain: ntm-bfgs-trust's commands, set_config, meta-train, export and the packaging."""
@@ -199,6 +199,37 @@ def test_ntm_bfgs_bases_is_ntm_bfgs_trust_with_bfgs_bases_and_its_learned_part_r
     assert [s.split()[1] for s in steps[-3:]] == ["meta-train", "export", "benchmarks/ship_weights.py"]
     assert mine["evaluation"]["diverged"] == 0 and mine["evaluation"]["geomean_ratio_to_tuned_adam"] < 0.9
 
+
+
+def test_ntm_bfgs_k3_is_ntm_bfgs_bases_with_a_faster_v_and_one_steps_write_pairs():
+    """ntm-bfgs-k3 (NTMBFGS's default) is ntm-bfgs-bases' tensors (the hash the loader checks)
+    with two options set and nothing else: the controller's β₂ 0.985 and memory_capacity 3; its
+    metadata holds ntm-bfgs-bases' whole chain, both set_config commands and the packaging, and
+    the suite's and the 20,000-step runs' scores."""
+    from learned_optim import NTMBFGSConfig, available_weights
+    from learned_optim.rules import load_rule
+
+    weights = available_weights()
+    mine, theirs = weights["ntm-bfgs-k3"], weights["ntm-bfgs-bases"]
+    assert mine["tensors_sha256"] == theirs["tensors_sha256"]
+    assert mine["config"]["memory_capacity"] == 3 and mine["config"]["controller"]["momentum_rms_decay"] == 0.985
+    undone = dict(mine["config"], memory_capacity=theirs["config"]["memory_capacity"],
+                  controller=dict(mine["config"]["controller"], momentum_rms_decay=0.999))
+    assert NTMBFGSConfig.from_dict(undone) == NTMBFGSConfig.from_dict(theirs["config"])
+    steps = mine["command"][len(theirs["command"]):].split(" && ")
+    assert mine["command"].startswith(theirs["command"] + " && ")
+    assert steps[1:] == [
+        "python benchmarks/set_config.py --weights ntm-bfgs-bases --set controller.momentum_rms_decay=0.985 "
+        "--out runs/ntm-bases-b985",
+        "python benchmarks/set_config.py --weights runs/ntm-bases-b985 --set memory_capacity=3 --out runs/ntm-b985-k3",
+        steps[-1]] and steps[-1].startswith("python benchmarks/ship_weights.py --weights runs/ntm-b985-k3")
+    rule = load_rule("ntm-bfgs-k3")[0]
+    assert rule.segments([2000]).memory.capacity == 3  # a group of 2,000 coordinates takes the limited form
+    evaluation = mine["evaluation"]
+    assert evaluation["diverged"] == 0 and evaluation["geomean_ratio_to_tuned_adam"] < 0.9
+    falling = {task: entry["falling"] for run in evaluation["long_horizon"] for task, entry in run.items()
+               if task != "command"}
+    assert falling and all(f.split("/")[0] == f.split("/")[1] for f in falling.values()), falling
 
 def test_weights_load_from_a_source_checkout_that_is_not_installed(monkeypatch):
     """On PYTHONPATH without `pip install`, learned_optim.pretrained does not exist (pyproject maps
