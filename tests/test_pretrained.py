@@ -200,7 +200,6 @@ def test_ntm_bfgs_bases_is_ntm_bfgs_trust_with_bfgs_bases_and_its_learned_part_r
     assert mine["evaluation"]["diverged"] == 0 and mine["evaluation"]["geomean_ratio_to_tuned_adam"] < 0.9
 
 
-
 def test_ntm_bfgs_k3_is_ntm_bfgs_bases_with_a_faster_v_and_one_steps_write_pairs():
     """ntm-bfgs-k3 (NTMBFGS's default) is ntm-bfgs-bases' tensors (the hash the loader checks)
     with two options set and nothing else: the controller's β₂ 0.985 and memory_capacity 3; its
@@ -230,6 +229,7 @@ def test_ntm_bfgs_k3_is_ntm_bfgs_bases_with_a_faster_v_and_one_steps_write_pairs
     falling = {task: entry["falling"] for run in evaluation["long_horizon"] for task, entry in run.items()
                if task != "command"}
     assert falling and all(f.split("/")[0] == f.split("/")[1] for f in falling.values()), falling
+
 
 def test_weights_load_from_a_source_checkout_that_is_not_installed(monkeypatch):
     """On PYTHONPATH without `pip install`, learned_optim.pretrained does not exist (pyproject maps
