@@ -57,7 +57,7 @@ def settings(data: str | None) -> dict[str, dict]:
         out["suite-mix-pes"] = dict(rule="lstm-gac", init_weights=DEFAULT_WEIGHTS, pes_sigma=0.001,
                                     trainable=["momentum_weight", "momentum_bias"], **suite)
         ntm_suite = dict(suite, task_kwargs={**suite["task_kwargs"], "extra": [*suite["task_kwargs"]["extra"], "quadratic"]})
-        out["ntm-bfgs-suite-mix-pes"] = dict(  # ntm-bfgs-bases' stage: BFGS's bases fixed, the readout and read rows trained
+        out["ntm-bfgs-suite-mix-pes"] = dict(  # the NTM defaults' last stage: the readout and read rows trained
             rule="ntm-bfgs", init_weights=NTM_DEFAULT_WEIGHTS, pes_sigma=0.01,
             trainable=["heads.readout.weight", "heads.readout.bias", "controller.core.weights.0[7:9]"], **ntm_suite)
     return out

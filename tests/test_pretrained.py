@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-k3")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-k3-short")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -201,7 +201,7 @@ def test_ntm_bfgs_bases_is_ntm_bfgs_trust_with_bfgs_bases_and_its_learned_part_r
 
 
 def test_ntm_bfgs_k3_is_ntm_bfgs_bases_with_a_faster_v_and_one_steps_write_pairs():
-    """ntm-bfgs-k3 (NTMBFGS's default) is ntm-bfgs-bases' tensors (the hash the loader checks)
+    """ntm-bfgs-k3 (NTMBFGS's default before ntm-bfgs-k3-short) is ntm-bfgs-bases' tensors (the hash the loader checks)
     with two options set and nothing else: the controller's β₂ 0.985 and memory_capacity 3; its
     metadata holds ntm-bfgs-bases' whole chain, both set_config commands and the packaging, and
     the suite's and the 20,000-step runs' scores."""
@@ -229,6 +229,52 @@ def test_ntm_bfgs_k3_is_ntm_bfgs_bases_with_a_faster_v_and_one_steps_write_pairs
     falling = {task: entry["falling"] for run in evaluation["long_horizon"] for task, entry in run.items()
                if task != "command"}
     assert falling and all(f.split("/")[0] == f.split("/")[1] for f in falling.values()), falling
+
+
+def test_ntm_bfgs_k3_short_is_the_lstm_default_as_controller_with_only_the_memorys_part_meta_trained():
+    """ntm-bfgs-k3-short (NTMBFGS's default) has ntm-bfgs-k3's config and LSTMOptimizer's default
+    suite-steps-t500 as its controller, tensor for tensor but the two read-input rows; of the rest,
+    only what its one recorded meta-train command named as trainable moved from a fresh rule's warm
+    start (the read multiplier η and write modulations δ_w, ``heads.readout``). Its chain is the LSTM
+    default's, one set_config (β₂ 0.985, so the controller loads into the same config), that
+    meta-train, fixed at 19 episodes (seconds, not hours), and the packaging."""
+    import torch
+
+    from learned_optim import NTMBFGSConfig, available_weights
+    from learned_optim.rules import load_rule
+    from learned_optim.rules.ntm_bfgs import NTMBFGSRule
+
+    weights = available_weights()
+    mine, k3, lstm = weights["ntm-bfgs-k3-short"], weights["ntm-bfgs-k3"], weights["suite-steps-t500"]
+    assert NTMBFGSConfig.from_dict(mine["config"]) == NTMBFGSConfig.from_dict(k3["config"])
+    ours = load_rule("ntm-bfgs-k3-short")[0].state_dict()
+    controller = load_rule("suite-steps-t500")[0].state_dict()
+    for name, tensor in controller.items():
+        theirs = ours[f"controller.{name}"]
+        if name == "core.weights.0":  # rows 7:9 read the memory: trained here, from zero
+            assert theirs[7:9].abs().sum() > 0
+            theirs = torch.cat([theirs[:7], theirs[9:]])
+        assert torch.equal(theirs, tensor), name
+    fresh = NTMBFGSRule(NTMBFGSConfig.from_dict(mine["config"]), seed=mine["meta_training"]["seed"]).state_dict()
+    heads = {name for name in ours if name.startswith("heads.")}
+    assert {name for name in heads if not torch.equal(ours[name], fresh[name])} == {
+        "heads.readout.weight", "heads.readout.bias"}
+    training = mine["meta_training"]
+    assert training["trainable"] == ["heads.readout.weight", "heads.readout.bias", "controller.core.weights.0[7:9]"]
+    assert training["init_weights"] == "runs/t500-b985" and training["time_limit"] is None
+    assert training["episodes"] == 19 and training["train_seconds"] < 536  # 10,800 − the LSTM chain's 10,264
+    steps = mine["command"][len(lstm["command"]):].split(" && ")
+    assert mine["command"].startswith(lstm["command"] + " && ")
+    assert steps[1] == ("python benchmarks/set_config.py --weights suite-steps-t500 --set momentum_rms_decay=0.985 "
+                        "--out runs/t500-b985")
+    assert [s.split()[1] for s in steps[2:]] == ["meta-train", "benchmarks/ship_weights.py"]
+    assert "--episodes 19 " in steps[2] and "--time-limit" not in steps[2]
+    evaluation = mine["evaluation"]
+    assert evaluation["diverged"] == 0 and evaluation["geomean_ratio_to_tuned_adam"] < 0.9
+    falling = {task: entry["falling"] for run in evaluation["long_horizon"] for task, entry in run.items()
+               if task != "command"}
+    assert set(falling) == {"transformer", "mlp-paper-100"}
+    assert all(f.split("/")[0] == f.split("/")[1] == "10" for f in falling.values()), falling
 
 
 def test_weights_load_from_a_source_checkout_that_is_not_installed(monkeypatch):

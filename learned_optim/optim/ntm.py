@@ -39,18 +39,19 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype
 
 __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 
-#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-k3", which is
-#: "ntm-bfgs-bases" (tensors unchanged) with two options set: the controller's v decays faster
-#: (β₂ = 0.985 instead of 0.999) and the limited memory keeps only the latest step's three write
-#: pairs (memory_capacity K = 3 instead of 30): with K = 30 the faster v brought late loss spikes
-#: from a long history of noisy minibatch secant pairs; with K = 3, none in 1,000 steps and only
-#: small ones in 20,000. "ntm-bfgs-bases" (the default before it) is the controller
-#: "suite-steps-t500" with memory heads meta-trained for it, the memory's trust region τ = 1000,
-#: BFGS's own write bases and the dense memory for small param groups (memory="auto").
+#: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-k3-short", which has
+#: "ntm-bfgs-k3"'s config (the controller's β₂ = 0.985; the limited memory keeps only the latest
+#: step's three write pairs, K = 3) and LSTMOptimizer's default "suite-steps-t500" as its controller;
+#: only the memory's learned part (read multiplier η, write modulations δ_w, the controller's two
+#: read-input rows) was meta-trained for it, by 437 s of PES, so its whole recorded chain fits 3 hours.
+#: "ntm-bfgs-k3" (the default before it) is the same config with "ntm-bfgs-bases"' tensors, whose
+#: memory part had 6,126 s of meta-training at β₂ 0.999 and K = 30. "ntm-bfgs-bases" is the
+#: controller "suite-steps-t500" with memory heads meta-trained for it, the memory's trust region
+#: τ = 1000, BFGS's own write bases and the dense memory for small param groups (memory="auto").
 #: "ntm-bfgs-trust" has the learned bases and the limited memory; "ntm-bfgs-decay" ends lower on
 #: small MLPs but stalls on transformers; "ntm-bfgs-mnist" is an MNIST-MLP specialist;
 #: "ntm-bfgs-quadratic" is ahead on the paper's quadratics and diverges on Rosenbrock and on small MLPs.
-NTM_DEFAULT_WEIGHTS = "ntm-bfgs-k3"
+NTM_DEFAULT_WEIGHTS = "ntm-bfgs-k3-short"
 
 
 @register(
@@ -62,7 +63,7 @@ NTM_DEFAULT_WEIGHTS = "ntm-bfgs-k3"
 class NTMBFGS(LearnedRuleOptimizer):
     """The learned quasi-Newton optimizer NTM-BFGS; one line replaces Adam::
 
-        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-k3")
+        opt = learned_optim.NTMBFGS(model.parameters())   # default shipped weights ("ntm-bfgs-k3-short")
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. Each param
