@@ -62,7 +62,7 @@ def _run_rule(rule, a, b, theta, steps: int, sizes=None) -> list[torch.Tensor]:
 
 def test_dense_rule_with_bfgs_heads_reproduces_textbook_bfgs():
     a, b, theta = _quadratic(8, seed=0)
-    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.3, **EXACT), heads=BFGSHeads(0.0)).double()
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=0.3, **EXACT), heads=BFGSHeads()).double()
     got = _run_rule(rule, a, b, theta, 20, sizes=[3, 5])
     want = _textbook_bfgs(a, b, theta, 20, 0.3)
     for t, (x, y) in enumerate(zip(got, want)):
@@ -76,7 +76,7 @@ class LBFGSHeads(BFGSHeads):
     the first steps), so the memory holds exactly L-BFGS's H."""
 
     def __init__(self, history: int, gamma: float) -> None:
-        super().__init__(0.0)
+        super().__init__()
         self.history, self.gamma = history, gamma
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -157,7 +157,7 @@ def test_bfgs_write_bases_receive_no_meta_gradient_and_the_modulations_do():
 def test_backtracking_steps_halfway_back_after_a_step_that_raised_the_loss():
     """f = ½‖θ‖² (∇ = θ) from θ₀ = 1 with γ = 3: the first step −3·∇ lands at −2, f rises from
     ½ to 2, so the next step is −s/2 = +1.5 (to −0.5), not BFGS's; without the safeguard it is BFGS's."""
-    heads = BFGSHeads(0.0)
+    heads = BFGSHeads()
     for backtrack, want in ((True, -0.5), (False, 0.0)):
         rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=3.0, curvature_eps=0.0, backtrack=backtrack),
                            heads=heads).double()
@@ -175,7 +175,7 @@ def test_reset_on_backtrack_starts_the_memory_again_where_the_backtrack_fires(in
     Forward and the drop-in's step_ agree."""
     for reset, memory_after, read_after in ((False, 1.0, -2.0), (True, 3.0, -6.0)):
         rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", initial_scale=3.0, curvature_eps=0.0,
-                                         reset_on_backtrack=reset), heads=BFGSHeads(0.0)).double()
+                                         reset_on_backtrack=reset), heads=BFGSHeads()).double()
         layout = rule.segments([1])
         coords, memory = rule.init_state(1, segments=layout)
         theta, updates = torch.ones(1, dtype=F64), []
@@ -212,7 +212,7 @@ def _limited_bfgs_run(reset_indefinite: bool) -> tuple[int, float, torch.Tensor]
     a, b, theta = _quadratic(2, seed=2, condition=100.0)
     config = NTMBFGSConfig(memory="limited", memory_capacity=3, initial_scale=0.05, curvature_eps=0.0,
                            backtrack=False, reset_indefinite=reset_indefinite)
-    rule = NTMBFGSRule(config, heads=BFGSHeads(0.0)).double()
+    rule = NTMBFGSRule(config, heads=BFGSHeads()).double()
     layout = rule.segments([2])
     state = rule.init_state(2, segments=layout)
     optimum = torch.linalg.solve(a, b)
@@ -331,7 +331,7 @@ def test_memory_form_is_chosen_by_size_and_can_be_overridden():
 def test_dropin_optimizer_follows_the_rule_and_keeps_one_memory_per_group():
     a, b, theta = _quadratic(6, seed=4)
     a, b = a.float(), b.float()
-    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", **EXACT), heads=BFGSHeads(0.0))
+    rule = NTMBFGSRule(NTMBFGSConfig(memory="dense", **EXACT), heads=BFGSHeads())
     first, second = nn.Parameter(theta[:2].float().clone()), nn.Parameter(theta[2:].float().clone())
     opt = NTMBFGS([first, second], weights=rule)
     for _ in range(8):
@@ -504,8 +504,8 @@ def test_curvature_eps_overrides_the_weights_skip_rule_in_the_optimizer():
 
     base = NTMBFGS([torch.nn.Parameter(torch.zeros(2))])
     strict = NTMBFGS([torch.nn.Parameter(torch.zeros(2))], curvature_eps=0.5)
-    assert strict.rule.config.curvature_eps == 0.5 and strict.rule.heads.curvature_eps == 0.5
-    assert base.rule.heads.curvature_eps == base.rule.config.curvature_eps != 0.5  # the weights' own
+    assert strict.rule.config.curvature_eps == 0.5 and base.rule.config.curvature_eps != 0.5  # the weights' own
+    assert not hasattr(strict.rule.heads, "curvature_eps")  # one copy: the heads read ε from the config each step
     a = torch.tensor([[3.0, 1.0], [1.0, 0.5]])  # a 2-D quadratic: cos(y, s) = sᵀAs/(‖As‖‖s‖) varies, < 1
     runs = []
     for eps in (0.0, 0.999):

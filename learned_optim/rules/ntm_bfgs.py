@@ -126,7 +126,7 @@ class NTMBFGSRule(nn.Module):
         cfg = self.config
         self.controller = LSTMGACRule(cfg.controller, seed=seed)
         self.heads = heads if heads is not None else LearnedHeads(cfg.controller.hidden_size, cfg.write_heads,
-                                                                  cfg.curvature_eps, cfg.bfgs_write_bases)
+                                                                  cfg.bfgs_write_bases)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,8 +144,6 @@ class NTMBFGSRule(nn.Module):
                                                      ("curvature_eps", curvature_eps)) if v is not None}
         fresh = copy.deepcopy(self)
         fresh.config = replace(self.config, **changes)
-        if curvature_eps is not None and hasattr(fresh.heads, "curvature_eps"):
-            cast(Any, fresh.heads).curvature_eps = fresh.config.curvature_eps  # a plain attribute of the heads
         return fresh
 
     def load_controller(self, lstm: LSTMGACRule) -> None:
@@ -276,7 +274,7 @@ class NTMBFGSRule(nn.Module):
         cfg, groups, memory = self.config, layout.groups, layout.memory
         heads = cast(Heads, self.heads)  # an nn.Module attribute, typed Tensor | Module by torch
         prev_grad, prev_key, prev_step, prev_read = carried.unbind(0)
-        ctx = HeadInputs(grad, top, prev_key, prev_step, prev_read, controller_update, groups)
+        ctx = HeadInputs(grad, top, prev_key, prev_step, prev_read, controller_update, groups, cfg.curvature_eps)
         key = heads.key(ctx)
         keys = groups.gather(key.unsqueeze(0))  # (G, 1, n)
         pre_read = groups.scatter(memory.read(memory_state, keys)).squeeze(0)  # M_t·r_t

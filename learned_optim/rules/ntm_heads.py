@@ -27,6 +27,7 @@ class HeadInputs:
     prev_read: Tensor  # i_{t−1} = M_t·r_{t−1}
     controller_update: Tensor  # u_t: the controller's own first-order step
     groups: MemoryGroups  # .dot(x, y): xᵀy over each coordinate's group
+    curvature_eps: float  # ε of the skip rule (the rule's config holds it; the heads keep no copy)
     readout: Tensor | None = None  # learned heads' linear read-out of ``top``, made once per step on first use
 
 
@@ -61,16 +62,12 @@ class BFGSHeads(nn.Module):
 
     write_heads = 3
 
-    def __init__(self, curvature_eps: float = 1e-3) -> None:
-        super().__init__()
-        self.curvature_eps = curvature_eps
-
     def key(self, ctx: HeadInputs) -> Tensor:
         return ctx.grad
 
     def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]:
         s, hy = ctx.prev_step, pre_read - ctx.prev_read
-        rho, rho2_yhy = bfgs_scalars(key - ctx.prev_key, s, hy, ctx.groups, self.curvature_eps)
+        rho, rho2_yhy = bfgs_scalars(key - ctx.prev_key, s, hy, ctx.groups, ctx.curvature_eps)
         c = rho + rho2_yhy
         return torch.stack((c * s, -rho * s, -rho * hy)), torch.stack((s, hy, s))
 
@@ -84,9 +81,9 @@ class LearnedHeads(nn.Module):
     (global per group, so M stays a sum of the same kind of terms as BFGS's). With ``bfgs_bases``
     the vectors and coefficients are BFGS's own, and only the modulations and the multiplier learn."""
 
-    def __init__(self, hidden_size: int, write_heads: int, curvature_eps: float, bfgs_bases: bool = False) -> None:
+    def __init__(self, hidden_size: int, write_heads: int, bfgs_bases: bool = False) -> None:
         super().__init__()
-        self.write_heads, self.curvature_eps, self.bfgs_bases = write_heads, curvature_eps, bfgs_bases
+        self.write_heads, self.bfgs_bases = write_heads, bfgs_bases
         w = write_heads
         self.readout = nn.Linear(hidden_size, 1 + w)  # η (per coordinate), δ_w (averaged over the group)
         nn.init.zeros_(self.readout.weight)
@@ -111,7 +108,7 @@ class LearnedHeads(nn.Module):
 
     def writes(self, ctx: HeadInputs, key: Tensor, pre_read: Tensor) -> tuple[Tensor, Tensor]:
         s, my = ctx.prev_step, pre_read - ctx.prev_read
-        rho, rho2_ymy = bfgs_scalars(key - ctx.prev_key, s, my, ctx.groups, self.curvature_eps)
+        rho, rho2_ymy = bfgs_scalars(key - ctx.prev_key, s, my, ctx.groups, ctx.curvature_eps)
         modulation = ctx.groups.mean(self._outputs(ctx)[1:])  # (W, N), one value per group
         fixed = cast(Tensor, self._bfgs_bases)
         left, right, alpha = (fixed.to(s.dtype).unbind(0) if self.bfgs_bases
