@@ -128,6 +128,18 @@ def _train(optimizer_class, device: str, steps: int = 6, **kwargs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_parameter_relative_rule_steps_alike_fused_and_eager(device):
+    """relative_step: the kernels' output times RMS(θ) + ε_θ per tensor, as the eager step's."""
+    relative = LSTMGACRule(LSTMGACConfig(**{**RULES["no-absolute-step-time-features"].config.to_dict(),
+                                            "relative_step": 0.01}))
+    relative.load_state_dict(RULES["no-absolute-step-time-features"].state_dict())
+    fused, _ = _train(LSTMOptimizer, device, fused=True, weights=relative)
+    eager, _ = _train(LSTMOptimizer, device, fused=False, weights=relative)
+    for a, b in zip(fused.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("optimizer_class", "kwargs"), [
     (LSTMOptimizer, {}),
     (LSTMOptimizer, {"state_dtype": torch.bfloat16}),

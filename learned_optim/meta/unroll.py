@@ -166,7 +166,11 @@ class Unroll:
         history = []
         with torch.set_grad_enabled(track), float32_matmul_precision(self.precision):
             for _ in range(steps):
-                update, rule_state = self.rule(grad, rule_state, self.segments)
+                if getattr(self.rule, "needs_params", False):  # a parameter-relative step reads θ_t
+                    flat = torch.cat([p.reshape(-1) for p in params]).to(self.rule.dtype)
+                    update, rule_state = self.rule(grad, rule_state, self.segments, params=flat)
+                else:
+                    update, rule_state = self.rule(grad, rule_state, self.segments)
                 pieces = update.split(self.sizes)
                 params = [p + u.view_as(p).to(p.dtype) for p, u in zip(params, pieces)]
                 if not track:

@@ -147,11 +147,13 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             chunk = group["chunk_size"] or default_chunk(device)
             steps = [states[i]["step"] for i in indices] if self._count_apart else []
             count = self._count_row(steps, sizes, device) if steps else None
+            targets = [params[i] for i in indices]
+            flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
+                if rule.needs_params else None  # θ_t, for a parameter-relative step
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
-                       fused=use_fused(group["fused"], device))
+                       fused=use_fused(group["fused"], device), params=flat_params)
             if steps:
                 torch._foreach_add_(steps, 1.0)
-            targets = [params[i] for i in indices]
             updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
             self._decay(group, targets)
             torch._foreach_add_(targets, updates, alpha=group["lr"])

@@ -49,6 +49,13 @@ before): the α_t = α/√t of Adam's convergence analysis (Kingma & Ba 2015, §
 of the meta-training horizon, beyond which the rule was never trained. A fixed schedule, not a
 learned one; a ``torch.optim.lr_scheduler`` schedule multiplies it as it multiplies ``lr``.
 
+With ``relative_step`` (ε_θ) the whole step is multiplied by RMS(θ) + ε_θ, the RMS over the
+coordinate's GAC scope (one tensor by default): Celo's parameter-relative step (Moudgil et al.
+2025). The learned step sizes are then fractions of the tensor's scale rather than amounts in its
+units, so one rule serves unit-scale problems (the paper's quadratics) and nets whose weights are
+25× smaller, and a reparametrization θ → cθ of a tensor (∇ → ∇/c) multiplies its steps by c (up to
+ε_θ). The rule then needs θ: ``rule(grad, state, segments, params=θ)``.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere: the in-place step of the
@@ -65,7 +72,14 @@ import torch
 from torch import Tensor, nn
 
 from .lstm_cell import LSTMGACCore
-from .lstm_gac_config import FRESH_MOMENTUM_STEP, RMS_EPSILON, STEP_CHUNK, LSTMGACConfig, default_chunk
+from .lstm_gac_config import (
+    FRESH_MOMENTUM_STEP,
+    FRESH_RELATIVE_STEP,
+    RMS_EPSILON,
+    STEP_CHUNK,
+    LSTMGACConfig,
+    default_chunk,
+)
 from .lstm_gac_inplace import InPlaceStep, _Scratch
 from .preprocess import log_sign_preprocess
 from .segments import Segments
@@ -107,7 +121,8 @@ class LSTMGACRule(InPlaceStep, nn.Module):
                 if cfg.absolute_step:
                     self.output_weight.zero_()
                 nearest = min(range(num_momenta), key=lambda j: abs(cfg.momentum_decays[j] - 0.9))
-                self.momentum_bias[nearest] = -FRESH_MOMENTUM_STEP
+                self.momentum_bias[nearest] = -(FRESH_MOMENTUM_STEP if cfg.relative_step is None
+                                                else FRESH_RELATIVE_STEP)
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
         self._inverse_timescales: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # 1/τ_k per dtype/device
         self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}  # step_'s buffers
@@ -119,6 +134,11 @@ class LSTMGACRule(InPlaceStep, nn.Module):
             beta = torch.tensor(self.config.momentum_decays, dtype=like.dtype, device=like.device).unsqueeze(1)
             self._decays[key] = (beta, 1 - beta)
         return self._decays[key]
+
+    @property
+    def needs_params(self) -> bool:
+        """Whether the step reads θ (``relative_step``): callers then pass the flat parameters."""
+        return self.config.relative_step is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,24 +180,28 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         return group_scopes if self.config.gac_scope == "group" else tensor_scopes
 
     def forward(self, grad: Tensor, state: Tensor, segments: Segments,
-                extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                extra: Tensor | None = None, params: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """g_t and the new state from flat gradients (N,) and states (R, N).
 
-        ``extra`` (extra_inputs, N) feeds additional per-coordinate inputs (NTM-BFGS's read).
+        ``extra`` (extra_inputs, N) feeds additional per-coordinate inputs (NTM-BFGS's read);
+        ``params`` (N,) are the flat θ_t, which a rule with ``relative_step`` needs.
         """
-        update, new_state, _ = self.step(grad, state, segments, extra)
+        update, new_state, _ = self.step(grad, state, segments, extra, params)
         return update, new_state
 
     def step(self, grad: Tensor, state: Tensor, segments: Segments,
-             extra: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             extra: Tensor | None = None, params: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` that also returns the top LSTM layer's output (H, N), for rules that
         use this one as a controller (NTM-BFGS drives its memory heads from it)."""
         cfg = self.config
         self._check_extra(extra)
+        self._check_params(params, grad)
         lstm_state, momentum, second_moment = self.split_state(state)
         features, momentum, second_moment = self.signals(grad, momentum, second_moment, extra)
         top, new_lstm = self.core(features, lstm_state, segments)
         update = self.output(top, momentum, second_moment)
+        if params is not None and self.needs_params:
+            update = update * self.param_scale(params, segments)
         new_state = new_lstm.view(cfg.lstm_rows, -1)
         if cfg.momentum_decays:
             new_state = torch.cat((new_state, momentum, second_moment))
@@ -267,6 +291,23 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         clip = self.config.direction_clip
         return directions if clip is None else directions.clamp_(-clip, clip)  # in place: a fresh tensor, and
         # division's backward reads its inputs, not this output
+
+    def param_scale(self, params: Tensor, segments: Segments) -> Tensor:
+        """RMS(θ) + ε_θ (N,) of the flat parameters (N,) over each coordinate's scope: the factor
+        of ``relative_step`` (ε_θ), differentiable (the mean square is floored before √, for a
+        finite derivative where a scope is all zeros)."""
+        mean_square = segments.mean(params.unsqueeze(0) * params.unsqueeze(0)).squeeze(0)
+        return mean_square.clamp_min(SQRT_FLOOR).sqrt() + cast(float, self.config.relative_step)
+
+    def _check_params(self, params: Tensor | None, grad: Tensor) -> None:
+        """A rule with ``relative_step`` needs θ_t, of the gradients' shape; others ignore it."""
+        if not self.needs_params:
+            return
+        if params is None:
+            raise ValueError("this rule's step is relative to the parameters (relative_step): pass params=θ_t, "
+                             "the flat parameters the gradients belong to")
+        if params.shape != grad.shape:
+            raise ValueError(f"params must have the gradients' shape {tuple(grad.shape)}, got {tuple(params.shape)}")
 
     def _check_extra(self, extra: Tensor | None) -> None:
         rows = 0 if extra is None else extra.shape[0]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 __all__ = ["LSTMGACConfig", "default_chunk", "GAC_SCOPES", "INPUT_FEATURES", "RMS_EPSILON",
-           "FRESH_MOMENTUM_STEP", "STEP_CHUNK", "GPU_STEP_CHUNK", "reject_unknown_fields"]
+           "FRESH_MOMENTUM_STEP", "FRESH_RELATIVE_STEP", "STEP_CHUNK", "GPU_STEP_CHUNK", "reject_unknown_fields"]
 
 GAC_SCOPES = ("tensor", "group")
 # The LSTM's per-coordinate inputs. "log-sign": the paper's (log|x|/p, sign x) of ∇ and of each
@@ -21,6 +21,9 @@ GAC_SCOPES = ("tensor", "group")
 INPUT_FEATURES = ("log-sign", "normalized")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
 FRESH_MOMENTUM_STEP = 0.01  # a fresh "normalized" rule's step on its β≈0.9 direction: Adam(lr=0.01)-like
+# A fresh rule with ``relative_step``: 0.1 × RMS(θ) on that direction, Adam(lr=0.01)-like for a
+# tensor of RMS 0.1 (a typical weight matrix's at initialization)
+FRESH_RELATIVE_STEP = 0.1
 # Coordinates per chunk of the in-place step on the CPU: the gates of a chunk (80 × 16384
 # floats, 5 MB) and its layer inputs stay in cache. At 1e6 coordinates on the 2-core CI machine
 # (benchmarks/step_speed.py --sizes 1e6 --lstm-chunk N): 4096: 320 ms, 8192: 245 ms,
@@ -72,6 +75,11 @@ class LSTMGACConfig:
     # (None: never). The α_t = α/√t of Adam's convergence analysis (Kingma & Ba 2015, §4), from the
     # end of the meta-training horizon on: the rule steps as it was trained up to t₀ (exactly: the
     # factor is 1 there) and anneals past it, where it was never trained (needs bias_correction's t)
+    relative_step: float | None = None  # ε_θ: the whole step × (RMS(θ) over the coordinate's GAC scope + ε_θ)
+    # (None: steps in the parameters' units, as Adam's). Celo's parameter-relative step (Moudgil et al.
+    # 2025): the same rule moves a tensor of RMS 1 (the paper's quadratics) 25× farther than one of RMS
+    # 0.04 (an MNIST MLP's first layer), and rescaling a tensor θ → cθ (∇ → ∇/c) rescales its steps by c;
+    # ε_θ keeps zero-initialized tensors (biases) moving. Needs the normalized directions (absolute_step=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -114,6 +122,14 @@ class LSTMGACConfig:
             if not self.bias_correction:
                 raise ValueError("step_decay_after needs bias_correction (its state row counts the steps t)")
             object.__setattr__(self, "step_decay_after", float(after))
+        rel = self.relative_step
+        if rel is not None:
+            if not isinstance(rel, (int, float)) or isinstance(rel, bool) or not math.isfinite(rel) or rel <= 0:
+                raise ValueError(f"relative_step must be a finite positive number (ε_θ) or None, got {rel!r}")
+            if self.absolute_step:
+                raise ValueError("relative_step needs absolute_step=False: it scales the learned step sizes on the "
+                                 "normalized directions, which carry no units of their own")
+            object.__setattr__(self, "relative_step", float(rel))
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:

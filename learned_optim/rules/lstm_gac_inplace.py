@@ -39,7 +39,11 @@ class InPlaceStep:
 
         @property
         def dtype(self) -> torch.dtype: ...
+        @property
+        def needs_params(self) -> bool: ...
         def _check_extra(self, extra: Tensor | None) -> None: ...
+        def _check_params(self, params: Tensor | None, grad: Tensor) -> None: ...
+        def param_scale(self, params: Tensor, segments: Segments) -> Tensor: ...
         def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
         def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
                     in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]: ...
@@ -49,7 +53,7 @@ class InPlaceStep:
     @torch.no_grad()
     def step_(self, grad: Tensor, state: Tensor, segments: Segments, out: Tensor,
               extra: Tensor | None = None, chunk: int = STEP_CHUNK, sigmoid_tanh: bool = True,
-              fused: bool = False, count: Tensor | None = None) -> Tensor:
+              fused: bool = False, count: Tensor | None = None, params: Tensor | None = None) -> Tensor:
         """:meth:`step` in place, for the drop-in optimizers (not differentiable): advances
         ``state`` (R, N), writes g_t into ``out`` (N,) and returns the top layer's output (H, N)
         (a view of the state).
@@ -71,14 +75,18 @@ class InPlaceStep:
         :mod:`learned_optim.kernels.lstm_gac` instead (CUDA, or CPU tensors in Triton's
         interpreter; ``chunk`` and ``sigmoid_tanh`` then do not apply: the kernels' blocks are
         their own and their tanh is always 2σ(2x) − 1).
+
+        ``params`` (N,): the flat θ_t, for a rule with ``relative_step`` (``out`` is then
+        multiplied by :meth:`param_scale`).
         """
-        cfg, core = self.config, self.core
         self._check_extra(extra)
+        self._check_params(params, grad)
         lstm, momentum, second_moment, v_row, t_row = self._state_views(state, count)
         num = state.shape[1]
-        for name, t, shape in (("grad", grad, (num,)), ("out", out, (num,))):
-            if tuple(t.shape) != shape or t.dtype != self.dtype or t.device != state.device:
-                raise ValueError(f"{name} must be a {self.dtype} tensor of shape {shape} on {state.device}, "
+        vectors = {"grad": grad, "out": out, **({"params": params} if params is not None else {})}
+        for name, t in vectors.items():
+            if tuple(t.shape) != (num,) or t.dtype != self.dtype or t.device != state.device:
+                raise ValueError(f"{name} must be a {self.dtype} tensor of shape {(num,)} on {state.device}, "
                                  f"got {t.dtype} {tuple(t.shape)} on {t.device}")
         if segments.size != num:
             raise ValueError(f"segments cover {segments.size} coordinates, the state {num}")
@@ -89,7 +97,21 @@ class InPlaceStep:
         if fused:
             from ..kernels.lstm_gac import fused_step_
 
-            return fused_step_(cast("LSTMGACRule", self), grad, lstm, momentum, v_row, t_row, segments, out, extra)
+            top = fused_step_(cast("LSTMGACRule", self), grad, lstm, momentum, v_row, t_row, segments, out, extra)
+        else:
+            top = self._eager_step_(grad, state, lstm, momentum, second_moment, v_row, t_row, segments, out,
+                                    extra, chunk, sigmoid_tanh)
+        if params is not None and self.needs_params:
+            out.mul_(self.param_scale(params, segments))
+        return top
+
+    def _eager_step_(self, grad: Tensor, state: Tensor, lstm: Tensor, momentum: Tensor,
+                     second_moment: Tensor | None, v_row: Tensor | None, t_row: Tensor | None,
+                     segments: Segments, out: Tensor, extra: Tensor | None, chunk: int,
+                     sigmoid_tanh: bool) -> Tensor:
+        """:meth:`step_`'s eager path, chunk by chunk (its arguments already checked and split)."""
+        cfg, core = self.config, self.core
+        num = state.shape[1]
         k = cfg.gac_cells
         plan = segments.chunks(chunk)
         scratch = self._scratch_for(grad, min(chunk, num))  # float32, whatever the state's dtype

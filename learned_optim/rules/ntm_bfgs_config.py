@@ -43,6 +43,10 @@ class NTMBFGSConfig:
         if self.controller.extra_inputs != 2:
             raise ValueError(f"the controller's extra_inputs must be 2 (the preprocessed previous read), "
                              f"got {self.controller.extra_inputs}")
+        if self.controller.relative_step is not None:
+            raise ValueError("NTM-BFGS's controller cannot take relative_step: the memory's step is added in the "
+                             "parameters' units, so a parameter-relative controller step would change the balance "
+                             "the heads were meta-trained for (not supported)")
         if not isinstance(self.write_heads, int) or isinstance(self.write_heads, bool) or self.write_heads < 1:
             raise ValueError(f"write_heads must be a positive integer, got {self.write_heads!r}")
         if self.memory not in MEMORY_FORMS:

@@ -1,0 +1,161 @@
+"""The parameter-relative step (``relative_step``, Celo's): the whole step times RMS(θ) + ε_θ over
+each coordinate's scope, by hand; its reparametrization equivariance; and that the drop-in step,
+the in-place step and the meta-trainer's unroll all take it from the one rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learned_optim import LSTMOptimizer
+from learned_optim.meta import TruncatedBPTT, Unroll
+from learned_optim.rules import LSTMGACConfig, LSTMGACRule, Segments
+from learned_optim.rules.ntm_bfgs_config import NTMBFGSConfig
+from learned_optim.tasks import get_family
+
+RELATIVE = dict(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.999, input_features="normalized",
+                bias_correction=True, absolute_step=False)
+
+
+def _trained_looking(rule: LSTMGACRule, seed: int = 4) -> LSTMGACRule:
+    """``rule`` with every tensor perturbed, so every term of the step (and the LSTM) is in use."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in rule.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return rule
+
+
+def test_a_fresh_relative_rule_steps_a_tenth_of_each_tensors_rms_plus_epsilon_by_hand():
+    """A fresh rule is Adam on d_0.9 with step size 0.1, times RMS(θ) + ε_θ: under a first
+    gradient d_0.9 = sign ∇, so θ = (3, −4 | 0, 0, 0) with ε_θ = 0.01 moves by
+    −0.1·sign ∇·(√((9 + 16)/2) + 0.01) on the first tensor and −0.1·sign ∇·0.01 on the zeros."""
+    rule = LSTMGACRule(LSTMGACConfig(relative_step=0.01, **RELATIVE), seed=0)
+    segments = Segments.from_sizes([2, 3])
+    theta = torch.tensor([3.0, -4.0, 0.0, 0.0, 0.0])
+    grad = torch.tensor([0.5, -2.0, 0.1, -7.0, 3.0])
+    update, _ = rule(grad, rule.init_state(5), segments, params=theta)
+    scale = torch.tensor([math.sqrt(12.5) + 0.01] * 2 + [0.01] * 3)
+    torch.testing.assert_close(update.detach(), -0.1 * grad.sign() * scale, rtol=1e-5, atol=0)
+
+
+def test_rescaling_a_tensor_and_its_gradients_rescales_its_steps_alone():
+    """θ_k → c_k·θ_k with ∇_k → ∇_k/c_k (the same function, reparametrized per tensor): the
+    normalized inputs do not change and the steps of tensor k are multiplied by c_k, at every
+    step of a run (ε_θ small beside the tensors' RMS)."""
+    rule = _trained_looking(LSTMGACRule(LSTMGACConfig(relative_step=1e-9, step_timescales=(3.0,), **RELATIVE),
+                                        seed=1))
+    sizes = [6, 4, 5]
+    segments = Segments.from_sizes(sizes)
+    factors = torch.cat([torch.full((n,), c) for n, c in zip(sizes, (0.01, 1.0, 30.0))])
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(15, generator=gen)
+    state = scaled_state = rule.init_state(15)
+    scaled_theta = theta * factors
+    for _ in range(5):
+        grad = torch.randn(15, generator=gen)
+        update, state = rule(grad, state, segments, params=theta)
+        scaled_update, scaled_state = rule(grad / factors, scaled_state, segments, params=scaled_theta)
+        torch.testing.assert_close(scaled_update.detach(), update.detach() * factors, rtol=2e-5, atol=0)
+        theta, scaled_theta = theta + update.detach(), scaled_theta + scaled_update.detach()
+    assert update.abs().min() > 0  # a real step on every coordinate
+
+
+@pytest.mark.parametrize("chunk", [4, 16384])
+def test_the_in_place_step_scales_as_the_differentiable_one(chunk):
+    rule = _trained_looking(LSTMGACRule(LSTMGACConfig(relative_step=0.01, **RELATIVE), seed=3))
+    sizes = [7, 1, 12]
+    segments = rule.segments(sizes)
+    gen = torch.Generator().manual_seed(0)
+    state, flat, out = rule.init_state(20), rule.init_state(20), torch.empty(20)
+    theta = torch.randn(20, generator=gen)
+    for _ in range(3):
+        grad = torch.randn(20, generator=gen)
+        expected, state = rule(grad, state, segments, params=theta)
+        rule.step_(grad.clone(), flat, segments, out, chunk=chunk, sigmoid_tanh=False, params=theta)
+        torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-7)
+        theta = theta + out
+    torch.testing.assert_close(flat, state.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_relative_rule_refuses_a_step_without_the_parameters_and_changes_nothing():
+    rule = LSTMGACRule(LSTMGACConfig(relative_step=0.01, **RELATIVE), seed=0)
+    segments = Segments.single(4)
+    state, out = rule.init_state(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="relative_step.*params"):
+        rule(torch.ones(4), state, segments)
+    with pytest.raises(ValueError, match="relative_step.*params"):
+        rule.step_(torch.ones(4), state, segments, out)
+    with pytest.raises(ValueError, match=r"params must have the gradients' shape \(4,\)"):
+        rule.step_(torch.ones(4), state, segments, out, params=torch.ones(3))
+    assert not state.any() and not out.any()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"relative_step": 0.0}, "relative_step must be a finite positive number"),
+    ({"relative_step": float("inf")}, "relative_step must be a finite positive number"),
+    ({"relative_step": True}, "relative_step must be a finite positive number"),
+    ({"relative_step": 0.01, "absolute_step": True}, "relative_step needs absolute_step=False"),
+])
+def test_bad_relative_steps_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LSTMGACConfig(**{**RELATIVE, **kwargs})
+
+
+def test_ntm_bfgs_refuses_a_relative_controller_by_name():
+    controller = LSTMGACConfig(relative_step=0.01, extra_inputs=2, **RELATIVE)
+    with pytest.raises(ValueError, match="controller cannot take relative_step"):
+        NTMBFGSConfig(controller=controller)
+
+
+def test_the_config_round_trips_with_its_epsilon():
+    cfg = LSTMGACConfig(relative_step=0.01, **RELATIVE)
+    assert LSTMGACConfig.from_dict(cfg.to_dict()) == cfg
+    assert LSTMGACConfig(**RELATIVE).relative_step is None  # off unless named: older weights step as before
+
+
+def test_the_drop_in_optimizer_and_the_unroll_take_the_same_relative_steps():
+    """One copy of the math: LSTMOptimizer (lr 1) follows the meta-trainer's unroll on a
+    quadratic, and its lr multiplies the relative step."""
+    rule = _trained_looking(LSTMGACRule(LSTMGACConfig(relative_step=0.01, **RELATIVE), seed=5), seed=6)
+    family = get_family("quadratic")
+    task = family.sample(7)
+    params = task.init_params()
+    opt = LSTMOptimizer(params, weights=rule)
+    dropin = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = task.loss(params)
+        loss.backward()
+        opt.step()
+        dropin.append(loss.item())
+    dropin.append(task.loss(params).item())
+    unroll = Unroll(rule, family.stack([7]))
+    start = unroll.start()
+    losses, _ = unroll.run(start, 20, track=False)
+    expected = [float(start.losses[0])] + losses[:, 0].tolist()
+    torch.testing.assert_close(torch.tensor(dropin), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+    start_theta = task.init_params()[0].detach().clone()
+    moves = []
+    for lr in (1.0, 0.5):
+        theta = [start_theta.clone().requires_grad_(True)]
+        step = LSTMOptimizer(theta, weights=rule, lr=lr)
+        task.loss(theta).backward()
+        step.step()
+        moves.append(theta[0].detach() - start_theta)
+    torch.testing.assert_close(moves[1], 0.5 * moves[0], rtol=1e-6, atol=0)
+
+
+def test_the_meta_gradient_reaches_the_step_sizes_through_the_relative_scale():
+    """Truncated BPTT through a relative rule: the unroll hands the rule θ_t, and the
+    meta-gradient of the step sizes is finite and non-zero."""
+    rule = LSTMGACRule(LSTMGACConfig(hidden_size=8, relative_step=0.01, **RELATIVE), seed=0)
+    stack = get_family("quadratic").stack([1, 2])
+    unroll = Unroll(rule, stack, "first-order")
+    estimate = TruncatedBPTT().estimate(rule, unroll, unroll.start(), 8)
+    grads = dict(zip([name for name, _ in rule.named_parameters()], estimate.grads))
+    bias_grad = grads["momentum_bias"]
+    assert torch.isfinite(bias_grad).all() and bias_grad.abs().sum() > 0
