@@ -161,9 +161,24 @@ def test_gd_by_sgd_is_the_second_order_meta_gradient_on_deterministic_tasks():
     torch.testing.assert_close(_flat(gd_sgd.grads), _flat(second.grads), rtol=0, atol=1e-12)
 
 
-def test_dropin_optimizer_follows_the_same_trajectory_as_the_unroll():
-    """One copy of the math: LSTMOptimizer.step == the meta-trainer's inner step."""
-    rule = LSTMGACRule(seed=5)
+def _relative_rule() -> LSTMGACRule:
+    """A parameter-relative rule (``relative_step``) perturbed from its fresh values: the LSTM's
+    weights much, the step sizes little (so it still descends)."""
+    rule = LSTMGACRule(LSTMGACConfig(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.999,
+                                     input_features="normalized", bias_correction=True, absolute_step=False,
+                                     relative_step=0.01), seed=5)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(6)
+        for name, p in rule.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.3 if name.startswith("core.") else 0.01))
+    return rule
+
+
+@pytest.mark.parametrize("make_rule", [lambda: LSTMGACRule(seed=5), _relative_rule], ids=["paper", "relative-step"])
+def test_dropin_optimizer_follows_the_same_trajectory_as_the_unroll(make_rule):
+    """One copy of the math: LSTMOptimizer.step == the meta-trainer's inner step (which hands a
+    parameter-relative rule θ_t as the optimizer does)."""
+    rule = make_rule()
     family = get_family("quadratic")
     task = family.sample(7)
     params = task.init_params()

@@ -116,28 +116,11 @@ def test_the_config_round_trips_with_its_epsilon():
     assert LSTMGACConfig(**RELATIVE).relative_step is None  # off unless named: older weights step as before
 
 
-def test_the_drop_in_optimizer_and_the_unroll_take_the_same_relative_steps():
-    """One copy of the math: LSTMOptimizer (lr 1) follows the meta-trainer's unroll on a
-    quadratic, and its lr multiplies the relative step."""
+def test_lr_multiplies_the_relative_step():
+    """The drop-in optimizer's lr scales the relative step as it scales any learned step (its
+    trajectory against the meta-trainer's unroll: tests/test_meta.py)."""
     rule = _trained_looking(LSTMGACRule(LSTMGACConfig(relative_step=0.01, **RELATIVE), seed=5), seed=6)
-    family = get_family("quadratic")
-    task = family.sample(7)
-    params = task.init_params()
-    opt = LSTMOptimizer(params, weights=rule)
-    dropin = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = task.loss(params)
-        loss.backward()
-        opt.step()
-        dropin.append(loss.item())
-    dropin.append(task.loss(params).item())
-    unroll = Unroll(rule, family.stack([7]))
-    start = unroll.start()
-    losses, _ = unroll.run(start, 20, track=False)
-    expected = [float(start.losses[0])] + losses[:, 0].tolist()
-    torch.testing.assert_close(torch.tensor(dropin), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-
+    task = get_family("quadratic").sample(7)
     start_theta = task.init_params()[0].detach().clone()
     moves = []
     for lr in (1.0, 0.5):
@@ -146,6 +129,7 @@ def test_the_drop_in_optimizer_and_the_unroll_take_the_same_relative_steps():
         task.loss(theta).backward()
         step.step()
         moves.append(theta[0].detach() - start_theta)
+    assert moves[0].abs().min() > 0
     torch.testing.assert_close(moves[1], 0.5 * moves[0], rtol=1e-6, atol=0)
 
 
