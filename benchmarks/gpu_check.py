@@ -142,7 +142,6 @@ def cuda_tests(args) -> str:
 
 def step_errors(args) -> str:
     """One step, Triton against eager, from the same (nonzero) state, at 1e6 coordinates."""
-    from learned_optim.kernels.lstm_gac import fused_step_
     from learned_optim.optim.lstm import DEFAULT_WEIGHTS
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
     from learned_optim.rules import load_rule
@@ -160,15 +159,16 @@ def step_errors(args) -> str:
             state = torch.zeros(rule.config.state_rows - int(apart), num, device=device, dtype=dtype)
             count = torch.zeros(num, device=device) if apart else None
             out = torch.empty(num, device=device)
+            theta = torch.randn(num, generator=gen, device=device) if rule.needs_params else None  # relative_step
             for _ in range(3):  # a state that is not zero
-                rule.step_(1e-2 * torch.randn(num, generator=gen, device=device), state, layout, out, count=count)
+                rule.step_(1e-2 * torch.randn(num, generator=gen, device=device), state, layout, out, count=count,
+                           params=theta)
             grad = 1e-2 * torch.randn(num, generator=gen, device=device)
             eager, fused = state.clone(), state.clone()
             counts = [None if count is None else count.clone() for _ in range(2)]
             out_eager, out_fused = torch.empty_like(out), torch.empty_like(out)
-            rule.step_(grad, eager, layout, out_eager, count=counts[0])
-            lstm, momentum, _, v, t = rule._state_views(fused, counts[1])
-            fused_step_(rule, grad, lstm, momentum, v, t, layout, out_fused)
+            rule.step_(grad, eager, layout, out_eager, count=counts[0], params=theta)
+            rule.step_(grad, fused, layout, out_fused, count=counts[1], params=theta, fused=True)
             synchronize(torch.device(device))
             rows.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {(out_fused - out_eager).abs().max():.3g} "
                         f"| {out_eager.abs().max():.3g} | {(fused.float() - eager.float()).abs().max():.3g} |")

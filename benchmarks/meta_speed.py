@@ -9,9 +9,13 @@ Settings (the ones the shipped weights were trained with):
 * ``quadratic-second-order``: the same with second-order meta-gradients;
 * ``mnist-mlp``: LSTM+GAC with momentum inputs on the MNIST MLP mix, K = 1 (needs ``--data``);
 * ``ntm-bfgs-quadratic``: NTM-BFGS on the 10-D quadratics, K = 128;
-* ``suite-mix-pes``: the last meta-training stage of the LSTMOptimizer default (PES, 4 antithetic
-  pairs, K = 2 tasks of the suite's families, reparametrized, its two step-size tensors trained),
-  from the default weights, the paper's MNIST MLP in the mix as in that stage (needs ``--data``);
+* ``suite-mix-relative``: the last meta-training stage of the LSTMOptimizer default (truncated
+  BPTT on the whole rule, K = 2 tasks of the suite's families, reparametrized, with the paper's
+  MNIST MLP, the quadratics four times and the suite's tanh MLP twice in the mix), from the
+  default weights (needs ``--data``);
+* ``suite-mix-pes``: the last stage of the default before it, ``suite-steps-t500`` (PES, 4
+  antithetic pairs, its two step-size tensors trained, the paper's MNIST MLP in the mix), from
+  those weights (needs ``--data``);
 * ``ntm-bfgs-suite-mix-pes``: the same for the NTMBFGS default's own last stage (the quadratics
   added to the mix; the heads' readout and the controller's read-input rows trained; needs ``--data``).
 
@@ -51,10 +55,15 @@ def settings(data: str | None) -> dict[str, dict]:
         out["mnist-mlp"] = dict(rule="lstm-gac", rule_config=MOMENTUM, task="mnist-mlp-mix",
                                 task_kwargs={"root": data, "examples_per_task": 2000}, tasks_per_step=1,
                                 loss_transform="log")
-        suite = dict(task="suite-mix", tasks_per_step=2, horizon=100, truncation=20, estimator="pes", pes_pairs=4,
-                     reparametrize=2.0, loss_transform="log",
-                     task_kwargs={"root": data, "extra": [["mnist-mlp", {"root": data, "part": "meta-train"}]]})
-        out["suite-mix-pes"] = dict(rule="lstm-gac", init_weights=DEFAULT_WEIGHTS, pes_sigma=0.001,
+        stage = dict(task="suite-mix", tasks_per_step=2, horizon=100, truncation=20, reparametrize=2.0,
+                     loss_transform="log")
+        paper_mlp = ["mnist-mlp", {"root": data, "part": "meta-train"}]
+        tanh = ["mnist-mlp-nn", {"activation": "tanh", "image_side": 14, "widths": [32, 64], "root": data,
+                                 "part": "meta-train"}]
+        out["suite-mix-relative"] = dict(rule="lstm-gac", init_weights=DEFAULT_WEIGHTS, **stage, task_kwargs={
+            "root": data, "extra": [paper_mlp, *["quadratic"] * 4, tanh, tanh]})
+        suite = dict(stage, estimator="pes", pes_pairs=4, task_kwargs={"root": data, "extra": [paper_mlp]})
+        out["suite-mix-pes"] = dict(rule="lstm-gac", init_weights="suite-steps-t500", pes_sigma=0.001,
                                     trainable=["momentum_weight", "momentum_bias"], **suite)
         ntm_suite = dict(suite, task_kwargs={**suite["task_kwargs"], "extra": [*suite["task_kwargs"]["extra"], "quadratic"]})
         out["ntm-bfgs-suite-mix-pes"] = dict(  # the NTM defaults' last stage: the readout and read rows trained

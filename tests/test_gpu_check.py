@@ -5,6 +5,7 @@ whole script runs on the CPU under TRITON_INTERPRET=1 with --device cpu.)"""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,8 +83,17 @@ def test_meta_speed_suite_settings_are_the_default_weights_recipes(mnist_dir):
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
     found = meta_speed.settings(str(mnist_dir))
-    assert found["suite-mix-pes"]["init_weights"] == DEFAULT_WEIGHTS
+    assert found["suite-mix-relative"]["init_weights"] == DEFAULT_WEIGHTS
+    assert found["suite-mix-pes"]["init_weights"] == "suite-steps-t500"
     assert found["ntm-bfgs-suite-mix-pes"]["init_weights"] == NTM_DEFAULT_WEIGHTS
     recorded = json.loads((ROOT / "pretrained" / f"{DEFAULT_WEIGHTS}.json").read_text())["command"]
+    last_stage = [c for c in recorded.split(" && ") if c.startswith("learned-optim meta-train")][-1]
+    assert "--estimator" not in last_stage and "--trainable" not in last_stage  # truncated BPTT on the whole rule
+    extra = json.loads(shlex.split(last_stage)[shlex.split(last_stage).index("--task-kwargs") + 1])["extra"]
+    relative = found["suite-mix-relative"]
+    assert [e if isinstance(e, str) else e[0] for e in relative["task_kwargs"]["extra"]] == \
+        [e if isinstance(e, str) else e[0] for e in extra]
+    assert relative.get("estimator", "truncated-bptt") == "truncated-bptt" and "trainable" not in relative
+    recorded = json.loads((ROOT / "pretrained" / "suite-steps-t500.json").read_text())["command"]
     assert "--trainable momentum_weight momentum_bias" in recorded and "--pes-pairs 4" in recorded
     assert found["suite-mix-pes"]["trainable"] == ["momentum_weight", "momentum_bias"]

@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-steps-t500"
+    assert DEFAULT_WEIGHTS == "suite-relative"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-steps-t500", "ntm-bfgs-k3-short")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative", "ntm-bfgs-k3-short")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -91,8 +91,42 @@ def test_suite_steps_is_suite_decay_with_only_the_step_sizes_meta_trained():
     assert moved == {"momentum_weight", "momentum_bias"}
 
 
-def test_the_default_is_suite_steps_with_the_decay_from_step_500():
-    """suite-steps-t500 (the LSTMOptimizer default) is suite-steps' tensors (the hash the loader
+def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization():
+    """suite-relative (the LSTMOptimizer default) multiplies its step by RMS(θ) + ε_θ per tensor
+    (ε_θ = 0.01), and its inputs are normalized per coordinate. So with every tensor rescaled,
+    θ_k → c_k·θ_k, and its gradients ∇_k → ∇_k/c_k (the same function, reparametrized), the
+    learned direction does not change and tensor k's step is the original's times
+    (RMS(c_k·θ_k) + ε_θ)/(RMS(θ_k) + ε_θ), at every step of a run, by hand from the params."""
+    import torch
+
+    from learned_optim import LSTMOptimizer, available_weights
+
+    assert available_weights()[DEFAULT_WEIGHTS]["config"]["relative_step"] == 0.01
+    gen = torch.Generator().manual_seed(0)
+    shapes, factors = [(8, 5), (8,), (3, 8)], [0.01, 1.0, 30.0]
+    plain = [torch.randn(shape, generator=gen) for shape in shapes]
+    scaled = [t * c for t, c in zip(plain, factors)]
+    opts = [LSTMOptimizer(plain), LSTMOptimizer(scaled)]
+
+    def scale(params):
+        return [p.square().mean().sqrt() + 0.01 for p in params]
+
+    for _ in range(5):
+        for p, q, c in zip(plain, scaled, factors):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad / c
+        before = [p.clone() for p in plain], [q.clone() for q in scaled]
+        ratios = [s / u for s, u in zip(scale(scaled), scale(plain))]
+        for opt in opts:
+            opt.step()
+        for k, ratio in enumerate(ratios):
+            step_plain, step_scaled = plain[k] - before[0][k], scaled[k] - before[1][k]
+            assert step_plain.abs().min() > 0
+            torch.testing.assert_close(step_scaled, step_plain * ratio, rtol=1e-4, atol=0)
+
+
+def test_suite_steps_t500_is_suite_steps_with_the_decay_from_step_500():
+    """suite-steps-t500 (the LSTMOptimizer default before suite-relative) is suite-steps' tensors (the hash the loader
     checks) with one config field changed: step_decay_after 500 instead of 2,000, so every run of
     up to 500 steps is suite-steps' and past it the step anneals by √(500/t)."""
     from learned_optim import available_weights
