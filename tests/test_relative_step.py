@@ -133,6 +133,30 @@ def test_lr_multiplies_the_relative_step():
     torch.testing.assert_close(moves[1], 0.5 * moves[0], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_the_drop_in_steps_scale_per_tensor_as_the_rules_flat_step(scope):
+    """LSTMOptimizer multiplies each tensor's step by the rule's per-tensor scales (no flat copy
+    of θ); over three steps, with one tensor all zeros (RMS 0: only ε_θ moves it), that is the
+    differentiable rule's step on the flat θ_t, per tensor or over the group."""
+    rule = _trained_looking(LSTMGACRule(LSTMGACConfig(relative_step=0.01, gac_scope=scope, **RELATIVE), seed=8))
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(4, 3, generator=gen) * 5, torch.zeros(3), torch.randn(6, generator=gen) * 0.1]
+    opt = LSTMOptimizer(params, weights=rule)
+    sizes = [p.numel() for p in params]
+    theta, state = torch.cat([p.reshape(-1) for p in params]), rule.init_state(sum(sizes))
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        with torch.no_grad():
+            update, state = rule(torch.cat([g.reshape(-1) for g in grads]), state, rule.segments(sizes),
+                                 params=theta)
+        theta = theta + update
+        torch.testing.assert_close(torch.cat([p.reshape(-1) for p in params]), theta, rtol=1e-5, atol=1e-7)
+    assert params[1].abs().min() > 0  # the zero tensor moved, by ε_θ's share
+
+
 def test_the_meta_gradient_reaches_the_step_sizes_through_the_relative_scale():
     """Truncated BPTT through a relative rule: the unroll hands the rule θ_t, and the
     meta-gradient of the step sizes is finite and non-zero."""

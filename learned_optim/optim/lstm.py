@@ -151,12 +151,18 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             steps = [states[i]["step"] for i in indices] if self._count_apart else []
             count = self._count_row(steps, sizes, device) if steps else None
             targets = [params[i] for i in indices]
+            # θ_t, for a parameter-relative step: per tensor, unless sharded (then flat, its scopes all-reduced)
+            per_tensor = rule.needs_params and process_group is None
+            scales = rule.tensor_param_scales([p.detach() for p in targets]) if per_tensor else None
             flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
-                if rule.needs_params else None  # θ_t, for a parameter-relative step
+                if rule.needs_params and not per_tensor else None
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
-                       fused=use_fused(group["fused"], device), params=flat_params)
+                       fused=use_fused(group["fused"], device), params=flat_params, apply_param_scale=not per_tensor)
             if steps:
                 torch._foreach_add_(steps, 1.0)
-            updates = [u.view(p.shape).to(p.dtype) for u, p in zip(update.split(sizes), targets)]
+            pieces = [u.view(p.shape) for u, p in zip(update.split(sizes), targets)]
+            if scales is not None:
+                torch._foreach_mul_(pieces, scales)
+            updates = [u.to(p.dtype) for u, p in zip(pieces, targets)]
             self._decay(group, targets)
             torch._foreach_add_(targets, updates, alpha=group["lr"])

@@ -299,6 +299,32 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         mean_square = segments.mean(params.unsqueeze(0) * params.unsqueeze(0)).squeeze(0)
         return mean_square.clamp_min(SQRT_FLOOR).sqrt() + cast(float, self.config.relative_step)
 
+    def tensor_param_scales(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """RMS(θ_k) + ε_θ for each whole parameter tensor θ_k, as 0-d float32 tensors (over all of
+        them with gac_scope "group"): :meth:`param_scale` without a flat copy of θ, for a caller
+        that multiplies each tensor's step itself (LSTMOptimizer, on unsharded params)."""
+        if not params:
+            return []
+        eps = cast(float, self.config.relative_step)
+        norms: list[Tensor] = [params[0]] * len(params)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        for dtype, indices in by_dtype.items():  # accumulated in float32 at least (float64 in its own)
+            wide = dtype == torch.float64
+            for i, norm in zip(indices, torch._foreach_norm([params[i] for i in indices], 2,
+                                                            dtype=None if wide else torch.float32)):
+                norms[i] = norm.float()
+        squares = torch._foreach_mul(norms, norms)
+        if self.config.gac_scope == "group":
+            mean_square = torch.stack(squares).sum() / max(sum(p.numel() for p in params), 1)
+            return [mean_square.clamp_min(SQRT_FLOOR).sqrt() + eps] * len(params)
+        mean_squares = torch._foreach_div(squares, [float(max(p.numel(), 1)) for p in params])
+        torch._foreach_clamp_min_(mean_squares, SQRT_FLOOR)
+        torch._foreach_sqrt_(mean_squares)
+        torch._foreach_add_(mean_squares, eps)
+        return list(mean_squares)
+
     def _check_params(self, params: Tensor | None, grad: Tensor) -> None:
         """A rule with ``relative_step`` needs θ_t, of the gradients' shape; others ignore it."""
         if not self.needs_params:

@@ -53,7 +53,8 @@ class InPlaceStep:
     @torch.no_grad()
     def step_(self, grad: Tensor, state: Tensor, segments: Segments, out: Tensor,
               extra: Tensor | None = None, chunk: int = STEP_CHUNK, sigmoid_tanh: bool = True,
-              fused: bool = False, count: Tensor | None = None, params: Tensor | None = None) -> Tensor:
+              fused: bool = False, count: Tensor | None = None, params: Tensor | None = None,
+              apply_param_scale: bool = True) -> Tensor:
         """:meth:`step` in place, for the drop-in optimizers (not differentiable): advances
         ``state`` (R, N), writes g_t into ``out`` (N,) and returns the top layer's output (H, N)
         (a view of the state).
@@ -77,10 +78,13 @@ class InPlaceStep:
         their own and their tanh is always 2σ(2x) − 1).
 
         ``params`` (N,): the flat θ_t, for a rule with ``relative_step`` (``out`` is then
-        multiplied by :meth:`param_scale`).
+        multiplied by :meth:`param_scale`). With ``apply_param_scale=False`` ``out`` is left
+        unscaled and ``params`` is not needed: the caller multiplies each tensor's piece by
+        :meth:`tensor_param_scales` itself, without a flat copy of θ.
         """
         self._check_extra(extra)
-        self._check_params(params, grad)
+        if apply_param_scale:
+            self._check_params(params, grad)
         lstm, momentum, second_moment, v_row, t_row = self._state_views(state, count)
         num = state.shape[1]
         vectors = {"grad": grad, "out": out, **({"params": params} if params is not None else {})}
@@ -101,7 +105,7 @@ class InPlaceStep:
         else:
             top = self._eager_step_(grad, state, lstm, momentum, second_moment, v_row, t_row, segments, out,
                                     extra, chunk, sigmoid_tanh)
-        if params is not None and self.needs_params:
+        if apply_param_scale and params is not None and self.needs_params:
             out.mul_(self.param_scale(params, segments))
         return top
 
