@@ -60,13 +60,18 @@ def test_the_step_count_held_apart_is_the_same_step_in_float32():
 
 @pytest.mark.parametrize(("optimizer_class", "tolerance"), [(LSTMOptimizer, 0.05), (NTMBFGS, 0.25)])
 def test_bfloat16_state_trains_as_float32_state_does(optimizer_class, tolerance):
-    """A small regression, 60 steps: with bfloat16 state the mean loss over the run's second half
-    is within 5% of float32 state's (NTM-BFGS: 25%; its memory amplifies any rounding difference,
-    so two float32 runs that differ only in summation order part too). The mean over steps, not
-    the last loss: NTM-BFGS's default has transient loss spikes here (about 2x for a few steps),
-    which a last-step score catches at a different phase in each run."""
+    """A small regression, 60 steps, five seeds: with bfloat16 state the mean loss over the runs'
+    second halves is within 5% of float32 state's (NTM-BFGS: 25%; its memory amplifies any rounding
+    difference, so two float32 runs that differ only in summation order part too). The mean over
+    steps, not the last loss: NTM-BFGS's default has transient loss spikes here (about 2x for a few
+    steps), which a last-step score catches at a different phase in each run. Over seeds, not one:
+    single runs part by up to 15% either way with the relative-step default (bfloat16 ahead on
+    some seeds, behind on others), so one seed says nothing about a systematic loss."""
     def final_loss(state_dtype: torch.dtype) -> float:
-        torch.manual_seed(0)
+        return sum(seeded_loss(state_dtype, seed) for seed in range(5)) / 5
+
+    def seeded_loss(state_dtype: torch.dtype, seed: int) -> float:
+        torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
         opt = optimizer_class(model.parameters(), state_dtype=state_dtype)
         x = torch.randn(256, 10)
