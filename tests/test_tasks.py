@@ -49,6 +49,21 @@ def test_quadratic_family_is_the_papers_and_reproducible():
     assert not a.stochastic and a.sample_batch(a.batch_generator()) is None
 
 
+@pytest.mark.parametrize("name", ["quadratic", "ill-conditioned-quadratic"])
+def test_quadratic_loss_offset_adds_a_constant_and_leaves_the_gradients(name):
+    plain, offset = get_family(name, dim=4), get_family(name, dim=4, loss_offset=0.25)
+    theta = torch.randn(4, requires_grad=True)
+    losses = [family.sample(7).loss([theta]) for family in (plain, offset)]
+    grads = [torch.autograd.grad(loss, theta)[0] for loss in losses]
+    assert losses[1].item() == pytest.approx(losses[0].item() + 0.25)
+    assert torch.equal(grads[0], grads[1])
+    stacked = offset.stack([7, 8]).losses_fn([torch.stack([theta.detach()] * 2)])
+    assert stacked[0].item() == pytest.approx(losses[1].item())
+    for bad in (-0.1, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="loss_offset must be a finite number ≥ 0"):
+            get_family(name, loss_offset=bad)
+
+
 def test_rosenbrock_minimum_is_at_one_one():
     task = get_family("rosenbrock").sample(0)
     assert task.loss([torch.tensor([1.0, 1.0])]).item() == 0.0

@@ -126,6 +126,7 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
         self._inverse_timescales: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # 1/τ_k per dtype/device
         self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}  # step_'s buffers
+        self._counts: dict[tuple, Tensor] = {}  # tensor_param_scales' element counts, per layout
 
     def _momentum_decays(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """β_j and 1−β_j as (M, 1) tensors in ``like``'s dtype and device, made once (exactly from the config's floats)."""
@@ -315,15 +316,25 @@ class LSTMGACRule(InPlaceStep, nn.Module):
             for i, norm in zip(indices, torch._foreach_norm([params[i] for i in indices], 2,
                                                             dtype=None if wide else torch.float32)):
                 norms[i] = norm.float()
-        squares = torch._foreach_mul(norms, norms)
+        # One small vector from here on, not a foreach op per tensor: on the CPU each of those is
+        # a call per tensor, which at 1e4 parameters cost more than the norms themselves.
+        squares = torch.stack(norms).square_()
         if self.config.gac_scope == "group":
-            mean_square = torch.stack(squares).sum() / max(sum(p.numel() for p in params), 1)
+            mean_square = squares.sum() / max(sum(p.numel() for p in params), 1)
             return [mean_square.clamp_min(SQRT_FLOOR).sqrt() + eps] * len(params)
-        mean_squares = torch._foreach_div(squares, [float(max(p.numel(), 1)) for p in params])
-        torch._foreach_clamp_min_(mean_squares, SQRT_FLOOR)
-        torch._foreach_sqrt_(mean_squares)
-        torch._foreach_add_(mean_squares, eps)
-        return list(mean_squares)
+        mean_squares = squares.div_(self._tensor_counts(params, squares))
+        return list(mean_squares.clamp_min_(SQRT_FLOOR).sqrt_().add_(eps).unbind())
+
+    def _tensor_counts(self, params: Sequence[Tensor], like: Tensor) -> Tensor:
+        """The tensors' element counts (at least 1) as a vector in ``like``'s dtype and device, made
+        once per layout (made anew every step it would be a host-to-device copy on CUDA)."""
+        sizes = tuple(max(p.numel(), 1) for p in params)
+        key = (sizes, like.dtype, like.device)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = torch.tensor([float(n) for n in sizes], dtype=like.dtype, device=like.device)
+            self._counts[key] = counts  # one per param group and device in use: a few numbers each
+        return counts
 
     def _check_params(self, params: Tensor | None, grad: Tensor) -> None:
         """A rule with ``relative_step`` needs θ_t, of the gradients' shape; others ignore it."""

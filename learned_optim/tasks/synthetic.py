@@ -18,12 +18,21 @@ __all__ = ["IllConditionedQuadraticFamily", "QuadraticFamily", "RosenbrockFamily
 
 @register_family("quadratic")
 class QuadraticFamily(TaskFamily):
-    """Andrychowicz et al. 2016: f(θ) = ‖Wθ − y‖², W (dim×dim), y and θ₀ IID standard Gaussian."""
+    """Andrychowicz et al. 2016: f(θ) = ‖Wθ − y‖², W (dim×dim), y and θ₀ IID standard Gaussian.
+
+    ``loss_offset`` c reports f(θ) + c instead: the gradients, hence every optimizer's path, are
+    the plain task's, but a log meta-loss, log(f + c), stops rewarding progress below c. A
+    quadratic is solvable exactly, so without it long meta-training unrolls are dominated by
+    ever smaller losses (log f → −∞) that no benchmark measures.
+    """
 
     name = "quadratic"
 
-    def __init__(self, dim: int = 10, dtype: torch.dtype = torch.float32) -> None:
-        self.dim, self.dtype = dim, dtype
+    def __init__(self, dim: int = 10, dtype: torch.dtype = torch.float32, loss_offset: float = 0.0) -> None:
+        if isinstance(loss_offset, bool) or not isinstance(loss_offset, (int, float)) \
+                or not math.isfinite(loss_offset) or loss_offset < 0:
+            raise ValueError(f"loss_offset must be a finite number ≥ 0, got {loss_offset!r}")
+        self.dim, self.dtype, self.loss_offset = dim, dtype, float(loss_offset)
 
     def sample(self, seed: int) -> Task:
         g = torch.Generator().manual_seed(seed)
@@ -32,12 +41,13 @@ class QuadraticFamily(TaskFamily):
         theta0 = torch.randn(self.dim, generator=g, dtype=self.dtype)
         return self._task(w, y, theta0, seed)
 
-    @staticmethod
-    def _task(w: Tensor, y: Tensor, theta0: Tensor, seed: int) -> Task:
-        """The task ‖Wθ − y‖² from θ₀ (``stack`` batches tasks through their ``info``)."""
+    def _task(self, w: Tensor, y: Tensor, theta0: Tensor, seed: int) -> Task:
+        """The task ‖Wθ − y‖² (+ c) from θ₀ (``stack`` batches tasks through their ``info``)."""
+        offset = self.loss_offset
 
         def loss(params, batch=None):
-            return (w @ params[0] - y).square().sum()
+            f = (w @ params[0] - y).square().sum()
+            return f + offset if offset else f
 
         return Task([theta0], loss, seed=seed, info={"W": w, "y": y})
 
@@ -48,8 +58,11 @@ class QuadraticFamily(TaskFamily):
         y = torch.stack([t.info["y"] for t in tasks]).to(device)
         theta0 = torch.stack([t.initial_params[0] for t in tasks]).to(device)
 
+        offset = self.loss_offset
+
         def losses(params, batch=None):
-            return (torch.bmm(w, params[0].unsqueeze(2)).squeeze(2) - y).square().sum(1)
+            f = (torch.bmm(w, params[0].unsqueeze(2)).squeeze(2) - y).square().sum(1)
+            return f + offset if offset else f
 
         return TaskStack([theta0], losses, [None], len(tasks))
 
@@ -62,10 +75,11 @@ class IllConditionedQuadraticFamily(QuadraticFamily):
 
     name = "ill-conditioned-quadratic"
 
-    def __init__(self, dim: int = 50, condition: float = 1e4, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, dim: int = 50, condition: float = 1e4, dtype: torch.dtype = torch.float32,
+                 loss_offset: float = 0.0) -> None:
         if not (isinstance(condition, (int, float)) and math.isfinite(condition) and condition >= 1):
             raise ValueError(f"condition must be a finite number ≥ 1, got {condition!r}")
-        super().__init__(dim, dtype)
+        super().__init__(dim, dtype, loss_offset)
         self.condition = float(condition)
 
     def sample(self, seed: int) -> Task:

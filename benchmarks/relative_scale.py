@@ -1,0 +1,138 @@
+"""Why the parameter-relative default trails tuned Adam on the paper's quadratics: the step
+grows with RMS(θ_t), and on a quadratic whose solution lies far from θ₀ that growth carries the
+step past the curvature's stable size.
+
+    python benchmarks/relative_scale.py --out results/relative-scale
+
+For the default weights (or ``--weights``), on the main benchmark's quadratics (10-D, 100 steps,
+seeds 0..9, final loss the mean of the last 10 steps, as ``learned-optim benchmark``) and on
+some of the suite's tasks (their steps and final-loss window, evaluation seeds):
+
+* ``as shipped``: the step is multiplied by RMS(θ_t) + ε_θ of each tensor at every step;
+* ``scale frozen at θ₀`` (an ablation, not an option of the package): each tensor's factor is
+  taken once, at the first step, from θ₀, and kept.
+
+Per run it records the final loss, the growth RMS(θ_T)/RMS(θ₀) of the largest tensor and the
+spikes: steps whose loss exceeds 10× the lowest loss so far. Writes OUT/relative_scale.md and
+OUT/relative_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from learned_optim import LSTMOptimizer, suite
+from learned_optim.benchmark import final_loss as benchmark_final_loss
+from learned_optim.optim.lstm import DEFAULT_WEIGHTS
+from learned_optim.tasks.synthetic import QuadraticFamily
+
+MODES = ("as shipped", "scale frozen at θ₀")
+SPIKE_FACTOR = 10.0  # a spike: a loss above this many times the lowest loss so far
+
+
+def freeze_scales(optimizer: LSTMOptimizer) -> None:
+    """Make ``optimizer`` keep each tensor's RMS(θ) + ε_θ from its first step (the ablation)."""
+    rule = optimizer.rule
+    computed = rule.tensor_param_scales
+    kept: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def frozen(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple(p.data_ptr() for p in params)
+        if key not in kept:
+            kept[key] = [s.clone() for s in computed(params)]
+        return kept[key]
+
+    rule.tensor_param_scales = frozen  # type: ignore[method-assign]
+
+
+def spikes(losses: torch.Tensor) -> int:
+    """Steps whose loss is over SPIKE_FACTOR × the lowest loss before them."""
+    lowest = torch.cummin(losses, 0).values
+    return int((losses[1:] > SPIKE_FACTOR * lowest[:-1]).sum())
+
+
+def run(task, steps: int, weights: str, mode: str) -> dict:
+    """One run: its losses' summary and the largest tensor's RMS growth."""
+    params = task.init_params()
+    largest = max(range(len(params)), key=lambda i: params[i].numel())
+    start_rms = float(params[largest].detach().square().mean().sqrt())
+    optimizer = LSTMOptimizer(params, weights=weights)
+    if mode != MODES[0]:
+        freeze_scales(optimizer)
+    generator = task.batch_generator()
+    losses = torch.full((steps,), float("inf"), dtype=torch.float64)
+    for t in range(steps):
+        optimizer.zero_grad()
+        loss = task.loss(params, task.sample_batch(generator))
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        losses[t] = loss.item()
+        optimizer.step()
+    end_rms = float(params[largest].detach().square().mean().sqrt())
+    return {"losses": losses, "growth": end_rms / start_rms if start_rms > 0 else float("inf"),
+            "spikes": spikes(losses)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    parser.add_argument("--tasks", nargs="*", default=["mlp-paper-100", "mlp-relu", "mlp-tanh"],
+                        help="suite tasks beside the quadratics")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 of each task")
+    parser.add_argument("--data", default="../shared/data", help="MNIST directory (the suite's MNIST tasks)")
+    parser.add_argument("--out", type=Path, default=Path("results/relative-scale"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    known = {t.name: t for t in suite.SUITE}
+    unknown = [name for name in args.tasks if name not in known]
+    if unknown:
+        parser.error(f"unknown suite tasks {unknown}; the suite has {sorted(known)}")
+
+    start = time.perf_counter()
+    cases = [("quadratic", QuadraticFamily(), 100, benchmark_final_loss)]
+    cases += [(name, known[name].build(args.data), known[name].steps, suite.final_loss) for name in args.tasks]
+    rows = []
+    for name, family, steps, final in cases:
+        for mode in MODES:
+            runs = [run(family.sample(seed), steps, args.weights, mode) for seed in range(args.seeds)]
+            finals = [final(r["losses"]) for r in runs]
+            row = {"task": name, "mode": mode, "steps": steps, "finals": finals,
+                   "median_final": statistics.median(finals),
+                   "median_growth": statistics.median(r["growth"] for r in runs),
+                   "max_growth": max(r["growth"] for r in runs),
+                   "seeds_with_spikes": sum(r["spikes"] > 0 for r in runs)}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "finals"}), flush=True)
+    seconds = time.perf_counter() - start
+
+    command = f"python benchmarks/{Path(__file__).name} {shlex.join(argv)}".strip()
+    lines = [f"Command: `{command}` ({seconds:.0f} s, weights `{args.weights}`, seeds 0..{args.seeds - 1}, "
+             f"one thread). Growth: RMS(θ_T)/RMS(θ₀) of each run's largest tensor; spikes: a loss over "
+             f"{SPIKE_FACTOR:g}× the lowest before it.", "",
+             "| task | steps | scale | median final loss | median growth | max growth | seeds with spikes |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['steps']} | {r['mode']} | {r['median_final']:.4g} | "
+                     f"{r['median_growth']:.2f} | {r['max_growth']:.2f} | {r['seeds_with_spikes']}/{args.seeds} |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "relative_scale.md").write_text(text + "\n")
+    (args.out / "relative_scale.json").write_text(json.dumps({"command": command, "weights": args.weights,
+                                                              "seconds": seconds, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

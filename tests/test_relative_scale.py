@@ -1,0 +1,47 @@
+"""benchmarks/relative_scale.py: the frozen-scale ablation and the spike count it reports."""
+
+from __future__ import annotations
+
+import torch
+from benchmark_scripts import load_script
+
+from learned_optim import LSTMOptimizer
+
+relative_scale = load_script("relative_scale")
+
+
+def test_spikes_count_losses_over_ten_times_the_lowest_before_them():
+    losses = torch.tensor([10.0, 5.0, 60.0, 4.0, 41.0, 39.0])  # 60 > 10·5 and 41 > 10·4; 39 is not
+    assert relative_scale.spikes(losses) == 2
+
+
+def _step(theta: torch.Tensor, opt: LSTMOptimizer) -> torch.Tensor:
+    before = theta.detach().clone()
+    opt.zero_grad()
+    theta.sum().backward()  # ∇ = 1 everywhere: the same gradient at every step
+    opt.step()
+    return theta.detach() - before
+
+
+def test_frozen_scales_keep_theta_zeros_rms_while_the_shipped_step_follows_theta():
+    steps, scaled = {}, {}
+    for frozen in (False, True):
+        theta = torch.nn.Parameter(torch.linspace(-1.0, 2.0, 12).reshape(4, 3))
+        opt = LSTMOptimizer([theta])
+        if frozen:
+            relative_scale.freeze_scales(opt)
+        _step(theta, opt)
+        with torch.no_grad():
+            theta.mul_(8.0)  # the same gradients follow, so the LSTM's output is the same in both runs
+        scaled[frozen] = theta.detach().clone()
+        steps[frozen] = _step(theta, opt)
+    eps = opt.rule.config.relative_step
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.square().mean().sqrt())
+
+    start = torch.linspace(-1.0, 2.0, 12).reshape(4, 3)
+    torch.testing.assert_close(scaled[False], scaled[True])
+    # shipped: × (RMS(θ) + ε) of the θ it steps from; frozen: × (RMS(θ₀) + ε) for good
+    torch.testing.assert_close(steps[False], steps[True] * (rms(scaled[True]) + eps) / (rms(start) + eps),
+                               rtol=1e-5, atol=1e-7)
