@@ -32,6 +32,7 @@ import torch
 
 from learned_optim import LSTMOptimizer, suite
 from learned_optim.benchmark import final_loss as benchmark_final_loss
+from learned_optim.benchmark import train
 from learned_optim.optim.lstm import DEFAULT_WEIGHTS
 from learned_optim.tasks.synthetic import QuadraticFamily
 
@@ -62,23 +63,19 @@ def spikes(losses: torch.Tensor) -> int:
 
 def run(task, steps: int, weights: str, mode: str) -> dict:
     """One run: its losses' summary and the largest tensor's RMS growth."""
-    params = task.init_params()
-    largest = max(range(len(params)), key=lambda i: params[i].numel())
-    start_rms = float(params[largest].detach().square().mean().sqrt())
-    optimizer = LSTMOptimizer(params, weights=weights)
-    if mode != MODES[0]:
-        freeze_scales(optimizer)
-    generator = task.batch_generator()
-    losses = torch.full((steps,), float("inf"), dtype=torch.float64)
-    for t in range(steps):
-        optimizer.zero_grad()
-        loss = task.loss(params, task.sample_batch(generator))
-        if not torch.isfinite(loss):
-            break
-        loss.backward()
-        losses[t] = loss.item()
-        optimizer.step()
-    end_rms = float(params[largest].detach().square().mean().sqrt())
+    made: dict[str, list[torch.Tensor]] = {}
+
+    def make(params: list[torch.Tensor]) -> LSTMOptimizer:
+        made["params"], made["start"] = params, [p.detach().clone() for p in params]
+        optimizer = LSTMOptimizer(params, weights=weights)
+        if mode != MODES[0]:
+            freeze_scales(optimizer)
+        return optimizer
+
+    losses = train(task, make, steps)
+    largest = max(range(len(made["params"])), key=lambda i: made["params"][i].numel())
+    start_rms = float(made["start"][largest].square().mean().sqrt())
+    end_rms = float(made["params"][largest].detach().square().mean().sqrt())
     return {"losses": losses, "growth": end_rms / start_rms if start_rms > 0 else float("inf"),
             "spikes": spikes(losses)}
 
