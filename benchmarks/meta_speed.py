@@ -11,8 +11,8 @@ Settings (the ones the shipped weights were trained with):
 * ``ntm-bfgs-quadratic``: NTM-BFGS on the 10-D quadratics, K = 128;
 * ``suite-mix-relative``: the last meta-training stage of the LSTMOptimizer default (truncated
   BPTT on the whole rule, K = 2 tasks of the suite's families, reparametrized, with the paper's
-  MNIST MLP, the quadratics four times and the suite's tanh MLP twice in the mix), from the
-  default weights (needs ``--data``);
+  MNIST MLP, the quadratics (their loss offset by 0.01) eight times and the suite's tanh MLP twice
+  in the mix), from the default weights (needs ``--data``);
 * ``suite-mix-pes``: the last stage of the default before it, ``suite-steps-t500`` (PES, 4
   antithetic pairs, its two step-size tensors trained, the paper's MNIST MLP in the mix), from
   those weights (needs ``--data``);
@@ -61,7 +61,7 @@ def settings(data: str | None) -> dict[str, dict]:
         tanh = ["mnist-mlp-nn", {"activation": "tanh", "image_side": 14, "widths": [32, 64], "root": data,
                                  "part": "meta-train"}]
         out["suite-mix-relative"] = dict(rule="lstm-gac", init_weights=DEFAULT_WEIGHTS, **stage, task_kwargs={
-            "root": data, "extra": [paper_mlp, *["quadratic"] * 4, tanh, tanh]})
+            "root": data, "extra": [paper_mlp, *[["quadratic", {"loss_offset": 0.01}]] * 8, tanh, tanh]})
         suite = dict(stage, estimator="pes", pes_pairs=4, task_kwargs={"root": data, "extra": [paper_mlp]})
         out["suite-mix-pes"] = dict(rule="lstm-gac", init_weights="suite-steps-t500", pes_sigma=0.001,
                                     trainable=["momentum_weight", "momentum_bias"], **suite)

@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-relative"
+    assert DEFAULT_WEIGHTS == "suite-relative-offset"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative", "ntm-bfgs-k3-short")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative-offset", "ntm-bfgs-k3-short")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -92,7 +92,7 @@ def test_suite_steps_is_suite_decay_with_only_the_step_sizes_meta_trained():
 
 
 def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization():
-    """suite-relative (the LSTMOptimizer default) multiplies its step by RMS(θ) + ε_θ per tensor
+    """suite-relative-offset (the LSTMOptimizer default) multiplies its step by RMS(θ) + ε_θ per tensor
     (ε_θ = 0.01), and its inputs are normalized per coordinate. So with every tensor rescaled,
     θ_k → c_k·θ_k, and its gradients ∇_k → ∇_k/c_k (the same function, reparametrized), the
     learned direction does not change and tensor k's step is the original's times

@@ -29,11 +29,12 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype, rule_fingerprint
 
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
-#: The shipped weights LSTMOptimizer loads when none are named: "suite-relative", whose step is
-#: relative to each tensor's RMS (relative_step ε_θ = 0.01, Celo's), meta-trained from a fresh rule
-#: on the suite's families, the paper's MNIST MLP and quadratics. "suite-steps-t500" (the default
-#: before it) steps in the parameters' units.
-DEFAULT_WEIGHTS = "suite-relative"
+#: The shipped weights LSTMOptimizer loads when none are named: "suite-relative-offset", whose step
+#: is relative to each tensor's RMS (relative_step ε_θ = 0.01, Celo's), meta-trained from a fresh
+#: rule on the suite's families, the paper's MNIST MLP and quadratics: "suite-relative" (the default
+#: before it) and one more run with the quadratics' log meta-loss floored at 0.01 (their
+#: loss_offset). "suite-steps-t500" (the default before those) steps in the parameters' units.
+DEFAULT_WEIGHTS = "suite-relative-offset"
 
 
 @register(
