@@ -154,7 +154,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             targets = [params[i] for i in indices]
             # θ_t, for a parameter-relative step: per tensor, unless sharded (then flat, its scopes all-reduced)
             per_tensor = rule.needs_params and process_group is None
-            scales = rule.tensor_param_scales([p.detach() for p in targets]) if per_tensor else None
+            scales = rule.tensor_param_scales(targets) if per_tensor else None  # step() runs under no_grad
             flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
                 if rule.needs_params and not per_tensor else None
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
