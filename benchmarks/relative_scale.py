@@ -44,12 +44,12 @@ def freeze_scales(optimizer: LSTMOptimizer) -> None:
     """Make ``optimizer`` keep each tensor's RMS(θ) + ε_θ from its first step (the ablation)."""
     rule = optimizer.rule
     computed = rule.tensor_param_scales
-    kept: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    kept: dict[tuple[int, ...], list[torch.Tensor] | list[float]] = {}
 
-    def frozen(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def frozen(params: Sequence[torch.Tensor]) -> list[torch.Tensor] | list[float]:
         key = tuple(p.data_ptr() for p in params)
         if key not in kept:
-            kept[key] = [s.clone() for s in computed(params)]
+            kept[key] = computed(params)  # fresh floats or 0-d tensors, which no step writes to
         return kept[key]
 
     rule.tensor_param_scales = frozen  # type: ignore[method-assign]

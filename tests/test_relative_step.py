@@ -13,6 +13,7 @@ from learned_optim import LSTMOptimizer
 from learned_optim.meta import TruncatedBPTT, Unroll
 from learned_optim.rules import LSTMGACConfig, LSTMGACRule, Segments
 from learned_optim.rules.ntm_bfgs_config import NTMBFGSConfig
+from learned_optim.rules.param_scale import TensorScales
 from learned_optim.tasks import get_family
 
 RELATIVE = dict(momentum_decays=(0.5, 0.9, 0.99), momentum_rms_decay=0.999, input_features="normalized",
@@ -167,3 +168,42 @@ def test_the_meta_gradient_reaches_the_step_sizes_through_the_relative_scale():
     grads = dict(zip([name for name, _ in rule.named_parameters()], estimate.grads))
     bias_grad = grads["momentum_bias"]
     assert torch.isfinite(bias_grad).all() and bias_grad.abs().sum() > 0
+
+
+def test_per_tensor_scales_on_the_cpu_are_the_float32_values_as_floats():
+    """On the CPU the per-tensor factors come back as Python floats equal to the float32 vector's
+    values (so the drop-in step is unchanged bit for bit): RMS((3, −4)) + 0.01 by hand, then zeros,
+    odd sizes, float64, bfloat16, and a norm whose square overflows float32 (inf)."""
+    scales = TensorScales(0.01)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.tensor([3.0, -4.0]), torch.zeros(3), torch.randn(7, 13, generator=gen) * 0.037,
+              torch.randn(1001, generator=gen).double() * 3.1, torch.randn(5, 3, generator=gen).bfloat16(),
+              torch.full((4,), 3e19)]
+    floats = scales(params)
+    assert all(type(f) is float for f in floats)
+    assert floats == scales.vector(params).tolist()
+    assert floats[0] == pytest.approx(math.sqrt(12.5) + 0.01, rel=1e-7)
+    assert floats[1] == pytest.approx(0.01, rel=1e-7)
+    assert floats[3] == pytest.approx(float(params[3].square().mean().sqrt()) + 0.01, rel=1e-6)
+    assert math.isinf(floats[5])
+    assert scales([]) == []
+    group = TensorScales(0.01, per_tensor=False)([torch.tensor([3.0, -4.0]), torch.zeros(3)])
+    assert len(group) == 2 and float(group[0]) == pytest.approx(math.sqrt(25 / 5) + 0.01, rel=1e-7)
+
+
+def test_the_drop_in_relative_step_multiplies_each_tensor_by_its_own_scale():
+    """LSTMOptimizer's step on two tensors equals the rule's flat step with per-tensor scopes (the
+    flat, differentiable factor of the meta-trainer), within float32 rounding."""
+    rule = _trained_looking(LSTMGACRule(LSTMGACConfig(relative_step=0.01, **RELATIVE), seed=2), seed=3)
+    gen = torch.Generator().manual_seed(1)
+    theta = [torch.nn.Parameter(torch.randn(4, 3, generator=gen) * 0.2), torch.nn.Parameter(torch.randn(5, generator=gen))]
+    grads = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    flat = torch.cat([p.detach().reshape(-1) for p in theta])
+    expected, _ = rule(torch.cat([g.reshape(-1) for g in grads]), rule.init_state(17),
+                       Segments.from_sizes([12, 5]), params=flat)
+    opt = LSTMOptimizer(theta, weights=rule)
+    for p, g in zip(theta, grads):
+        p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in theta]) - flat, expected.detach(),
+                               rtol=1e-5, atol=1e-8)

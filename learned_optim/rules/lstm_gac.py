@@ -76,20 +76,17 @@ from .lstm_gac_config import (
     FRESH_MOMENTUM_STEP,
     FRESH_RELATIVE_STEP,
     RMS_EPSILON,
+    SQRT_FLOOR,
     STEP_CHUNK,
     LSTMGACConfig,
     default_chunk,
 )
 from .lstm_gac_inplace import InPlaceStep, _Scratch
+from .param_scale import TensorScales, flat_param_scale
 from .preprocess import log_sign_preprocess
 from .segments import Segments
 
 __all__ = ["LSTMGACConfig", "LSTMGACRule", "default_chunk", "widened_inputs", "STEP_CHUNK"]
-
-# v is floored here before √ (a value 1e-15 below ε): √'s derivative at v = 0 is infinite, and a
-# coordinate whose gradient is always 0 (a dead unit) makes the second-order meta-gradient
-# inf·0 = NaN without it; the floor's own derivative there is 0.
-SQRT_FLOOR = 1e-30
 
 
 class LSTMGACRule(InPlaceStep, nn.Module):
@@ -126,7 +123,7 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
         self._inverse_timescales: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # 1/τ_k per dtype/device
         self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}  # step_'s buffers
-        self._counts: dict[tuple, Tensor] = {}  # tensor_param_scales' element counts, per layout
+        self._tensor_scales: TensorScales | None = None  # tensor_param_scales' helper, made on first use
 
     def _momentum_decays(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """β_j and 1−β_j as (M, 1) tensors in ``like``'s dtype and device, made once (exactly from the config's floats)."""
@@ -295,46 +292,21 @@ class LSTMGACRule(InPlaceStep, nn.Module):
 
     def param_scale(self, params: Tensor, segments: Segments) -> Tensor:
         """RMS(θ) + ε_θ (N,) of the flat parameters (N,) over each coordinate's scope: the factor
-        of ``relative_step`` (ε_θ), differentiable (the mean square is floored before √, for a
-        finite derivative where a scope is all zeros)."""
-        mean_square = segments.mean(params.unsqueeze(0) * params.unsqueeze(0)).squeeze(0)
-        return mean_square.clamp_min(SQRT_FLOOR).sqrt() + cast(float, self.config.relative_step)
+        of ``relative_step`` (ε_θ), differentiable (see :mod:`.param_scale`)."""
+        return flat_param_scale(params, segments, cast(float, self.config.relative_step))
 
-    def tensor_param_scales(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """RMS(θ_k) + ε_θ for each whole parameter tensor θ_k, as 0-d float32 tensors (over all of
-        them with gac_scope "group"): :meth:`param_scale` without a flat copy of θ, for a caller
-        that multiplies each tensor's step itself (LSTMOptimizer, on unsharded params)."""
-        if not params:
-            return []
-        eps = cast(float, self.config.relative_step)
-        norms: list[Tensor] = [params[0]] * len(params)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, p in enumerate(params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        for dtype, indices in by_dtype.items():  # accumulated in float32 at least (float64 in its own)
-            wide = dtype == torch.float64
-            for i, norm in zip(indices, torch._foreach_norm([params[i] for i in indices], 2,
-                                                            dtype=None if wide else torch.float32)):
-                norms[i] = norm.float()
-        # One small vector from here on, not a foreach op per tensor: on the CPU each of those is
-        # a call per tensor, which at 1e4 parameters cost more than the norms themselves.
-        squares = torch.stack(norms).square_()
-        if self.config.gac_scope == "group":
-            mean_square = squares.sum() / max(sum(p.numel() for p in params), 1)
-            return [mean_square.clamp_min(SQRT_FLOOR).sqrt() + eps] * len(params)
-        mean_squares = squares.div_(self._tensor_counts(params, squares))
-        return list(mean_squares.clamp_min_(SQRT_FLOOR).sqrt_().add_(eps).unbind())
-
-    def _tensor_counts(self, params: Sequence[Tensor], like: Tensor) -> Tensor:
-        """The tensors' element counts (at least 1) as a vector in ``like``'s dtype and device, made
-        once per layout (made anew every step it would be a host-to-device copy on CUDA)."""
-        sizes = tuple(max(p.numel(), 1) for p in params)
-        key = (sizes, like.dtype, like.device)
-        counts = self._counts.get(key)
-        if counts is None:
-            counts = torch.tensor([float(n) for n in sizes], dtype=like.dtype, device=like.device)
-            self._counts[key] = counts  # one per param group and device in use: a few numbers each
-        return counts
+    def tensor_param_scales(self, params: Sequence[Tensor]) -> list[Tensor] | list[float]:
+        """RMS(θ_k) + ε_θ for each whole parameter tensor θ_k (over all of them with gac_scope
+        "group"): :meth:`param_scale` without a flat copy of θ, for a caller that multiplies each
+        tensor's step itself (LSTMOptimizer, on unsharded params). Python floats for CPU params,
+        0-d float32 tensors otherwise; the same float32 numbers either way (see :mod:`.param_scale`)."""
+        cfg = self.config
+        if cfg.relative_step is None:
+            raise ValueError("this rule's step is not relative to the parameters (relative_step is None)")
+        scales, per_tensor = self._tensor_scales, cfg.gac_scope == "tensor"
+        if scales is None or (scales.eps, scales.per_tensor) != (cfg.relative_step, per_tensor):
+            scales = self._tensor_scales = TensorScales(cfg.relative_step, per_tensor)  # (made for this config)
+        return scales(params)
 
     def _check_params(self, params: Tensor | None, grad: Tensor) -> None:
         """A rule with ``relative_step`` needs θ_t, of the gradients' shape; others ignore it."""
@@ -360,6 +332,7 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_scratch", {})  # a rule pickled before step_ existed
         self.__dict__.setdefault("_inverse_timescales", {})
+        self.__dict__.setdefault("_tensor_scales", None)
 
 
 def widened_inputs(weights: dict[str, Tensor], source: LSTMGACConfig, target: LSTMGACConfig) -> dict[str, Tensor]:

@@ -20,6 +20,10 @@ GAC_SCOPES = ("tensor", "group")
 # 1/√(1−β₂)) and unchanged when the gradients are multiplied by any c > 0 (up to ε).
 INPUT_FEATURES = ("log-sign", "normalized")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
+# v and mean squares of θ are floored here before √ (a value 1e-15 below ε): √'s derivative at 0 is
+# infinite, and a coordinate whose gradient is always 0 (a dead unit) or a scope of zeros would make
+# the second-order meta-gradient inf·0 = NaN without it; the floor's own derivative there is 0.
+SQRT_FLOOR = 1e-30
 FRESH_MOMENTUM_STEP = 0.01  # a fresh "normalized" rule's step on its β≈0.9 direction: Adam(lr=0.01)-like
 # A fresh rule with ``relative_step``: 0.1 × RMS(θ) on that direction, Adam(lr=0.01)-like for a
 # tensor of RMS 0.1 (a typical weight matrix's at initialization)
