@@ -21,7 +21,7 @@ import torch
 from learned_optim import NTMBFGS, LSTMOptimizer
 from learned_optim.kernels import fused_unavailable
 from learned_optim.rules import load_rule
-from learned_optim.rules.lstm_gac import LSTMGACConfig, LSTMGACRule
+from learned_optim.rules.lstm_gac import LSTMGACConfig, LSTMGACRule, widened_inputs
 
 DEVICES = [d for d in ("cpu", "cuda") if (d == "cpu" or torch.cuda.is_available())
            and fused_unavailable(torch.device(d)) is None]
@@ -50,6 +50,13 @@ def _rules() -> dict[str, LSTMGACRule]:
     decayed = LSTMGACRule(LSTMGACConfig(**{**no_absolute.config.to_dict(), "step_decay_after": 1.0}))
     decayed.load_state_dict(no_absolute.state_dict())  # √(1/t) from the second step on
     rules["step-decay"] = decayed
+    agreeing_config = LSTMGACConfig(**{**no_absolute.config.to_dict(), "momentum_agreement": True})
+    agreeing = LSTMGACRule(agreeing_config)
+    agreeing.load_state_dict(widened_inputs(no_absolute.state_dict(), no_absolute.config, agreeing_config))
+    with torch.no_grad():  # the new input row in use
+        row = agreeing_config.input_names().index("agreement[0.9]")
+        agreeing.core.weights[0][row] = torch.randn(agreeing.core.weights[0].shape[1], generator=gen) * 0.5
+    rules["momentum-agreement"] = agreeing
     return rules
 
 

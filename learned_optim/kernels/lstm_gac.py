@@ -63,6 +63,7 @@ DOT_PRECISION = "tf32x3"
 GPU_BLOCK = 64  # coordinates per program on the GPU (not tuned: no GPU has been lent yet)
 INTERPRETER_BLOCK = 256  # the interpreter runs a program as numpy: larger blocks, fewer programs
 RMS_EPSILON = 1e-8  # must equal rules.lstm_gac.RMS_EPSILON (checked in the launcher)
+AGREEMENT_BOUND = 10.0  # the literal in _layer_kernel; must equal rules.lstm_gac_config.AGREEMENT_BOUND (checked in the launcher)
 
 
 @triton.jit
@@ -173,7 +174,8 @@ def _layer_kernel(
     wx_ptr, wh_ptr, b_ptr, partial_ptr,
     FIRST: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
     RMS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CLIP: tl.constexpr, LOG_SIGN: tl.constexpr,
-    T: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    T: tl.constexpr, AGREE: tl.constexpr, AGREE_ROW: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid, scope, cols, valid = _block(starts_ptr, stops_ptr, scopes_ptr, BLOCK)
     hr = tl.arange(0, H_PAD)
@@ -206,10 +208,16 @@ def _layer_kernel(
             gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, 1 + M, sign_f, hr, H_PAD)
         else:
             gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, 0, g / rms, hr, H_PAD)
+        agreement = g * 0.0
         for j in tl.static_range(M):
             beta = tl.load(betas_ptr + j)
             m_offsets = j * stride_m + cols
-            m = g + beta * tl.load(m_ptr + m_offsets, mask=valid, other=0.0).to(tl.float32)
+            m_previous = tl.load(m_ptr + m_offsets, mask=valid, other=0.0).to(tl.float32)
+            if AGREE and j == AGREE_ROW:  # a_t = ∇_t·m̂_{t−1}/v̂_t (the rule's agreement)
+                previous = tl.maximum(t - 1.0, 1.0)
+                average = g * m_previous * ((1.0 - beta) / (1.0 - tl.exp2(previous * tl.log2(beta))))
+                agreement = tl.minimum(tl.maximum(average / (rms * rms), -10.0), 10.0)  # ±AGREEMENT_BOUND
+            m = g + beta * m_previous
             tl.store(m_ptr + m_offsets, _to_storage(m, m_ptr), mask=valid)
             if LOG_SIGN:
                 log_f, sign_f = _log_sign(m, p)
@@ -222,9 +230,11 @@ def _layer_kernel(
             time_k = _tanh(t * tl.load(inverse_timescales_ptr + k))
             index = (2 if LOG_SIGN else 1) * (1 + M) + k
             gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, index, time_k, hr, H_PAD)
+        if AGREE:  # after the time features, as in the rule's input names
+            gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, (1 + M) + T, agreement, hr, H_PAD)
         for e in tl.static_range(E):
             x_e = tl.load(extra_ptr + e * stride_extra + cols, mask=valid, other=0.0).to(tl.float32)
-            index = (2 if LOG_SIGN else 1) * (1 + M) + T + e
+            index = (2 if LOG_SIGN else 1) * (1 + M) + T + (1 if AGREE else 0) + e
             gi, gf, gg, go = _add_feature(gi, gf, gg, go, wx_ptr, index, x_e, hr, H_PAD)
     else:
         x = _finished_rows(x_ptr, stride_lstm, hr, cols, valid, x_means_ptr, num_scopes, scope, H, K)
@@ -394,8 +404,9 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
     g_t into ``out`` (N,) and returns the top layer's h (H, N), a view of ``lstm``."""
     cfg = rule.config
     from ..rules.lstm_gac import RMS_EPSILON as rule_eps
+    from ..rules.lstm_gac_config import AGREEMENT_BOUND as rule_bound
 
-    assert rule_eps == RMS_EPSILON, "the kernels' ε must be the rule's"
+    assert rule_eps == RMS_EPSILON and rule_bound == AGREEMENT_BOUND, "the kernels' constants must be the rule's"
     device = grad.device
     interpreted = device.type == "cpu"
     block = block or (INTERPRETER_BLOCK if interpreted else GPU_BLOCK)
@@ -439,7 +450,8 @@ def fused_step_(rule: LSTMGACRule, grad: Tensor, lstm: Tensor, momentum: Tensor,
             phi.wx[layer], phi.wh[layer], phi.b[layer], partial,
             FIRST=layer == 0, H=H, H_PAD=P, K=K, M=M, RMS=rms, BIAS_CORRECTION=bias_correction,
             CLIP=cfg.direction_clip is not None, LOG_SIGN=cfg.input_features == "log-sign",
-            T=len(cfg.step_timescales), E=E, BLOCK=block, PRECISION=precision,
+            T=len(cfg.step_timescales), AGREE=cfg.momentum_agreement,
+            AGREE_ROW=cfg.main_momentum_row if cfg.momentum_agreement else 0, E=E, BLOCK=block, PRECISION=precision,
         )
         if K:
             sums = torch.segment_reduce(partial, "sum", lengths=table.per_scope, axis=0, unsafe=True).t()

@@ -56,6 +56,15 @@ units, so one rule serves unit-scale problems (the paper's quadratics) and nets 
 25× smaller, and a reparametrization θ → cθ of a tensor (∇ → ∇/c) multiplies its steps by c (up to
 ε_θ). The rule then needs θ: ``rule(grad, state, segments, params=θ)``.
 
+With ``momentum_agreement`` the LSTM also reads a_t = ∇_t·m̂_{t−1}/v̂_t for the momentum sum nearest
+β = 0.9 (clamped to ±AGREEMENT_BOUND): about +1 while each gradient repeats the direction the steps have
+been taking, negative once a step overshot a valley and the gradient turned against the momentum. The
+other inputs hold this only implicitly (∇_t and d_0.5 together give m_{t−1}, but not their product), and a
+relative step that grows with RMS(θ) overshoots on a problem whose curvature does not shrink as θ grows
+(the paper's quadratics). Scale-free and per-tensor reparametrization-free like the other normalized inputs;
+no state of its own (m_{t−1} is read before m advances). Weights without it are widened with a zero input
+row (:func:`widened_inputs`), which steps exactly as before.
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere: the in-place step of the
@@ -73,6 +82,7 @@ from torch import Tensor, nn
 
 from .lstm_cell import LSTMGACCore
 from .lstm_gac_config import (
+    AGREEMENT_BOUND,
     FRESH_MOMENTUM_STEP,
     FRESH_RELATIVE_STEP,
     RMS_EPSILON,
@@ -117,7 +127,7 @@ class LSTMGACRule(InPlaceStep, nn.Module):
             with torch.no_grad():
                 if cfg.absolute_step:
                     self.output_weight.zero_()
-                nearest = min(range(num_momenta), key=lambda j: abs(cfg.momentum_decays[j] - 0.9))
+                nearest = cfg.main_momentum_row
                 self.momentum_bias[nearest] = -(FRESH_MOMENTUM_STEP if cfg.relative_step is None
                                                 else FRESH_RELATIVE_STEP)
         self._decays: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (β, 1−β) per dtype/device
@@ -213,6 +223,9 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         cfg = self.config
         g = grad.unsqueeze(0)
         signals = g
+        if cfg.momentum_agreement:  # ∇_t·m_{t−1}, before m advances (in place, it is overwritten below)
+            row = cfg.main_momentum_row
+            agreement = g * momentum[row:row + 1]
         if cfg.momentum_decays:
             momentum = torch.addcmul(g, self._momentum_decays(momentum)[0], momentum,
                                      out=momentum if in_place else None)
@@ -231,6 +244,8 @@ class LSTMGACRule(InPlaceStep, nn.Module):
             features = torch.cat((g / self._rms(second_moment), self.directions(momentum, second_moment)))
         if cfg.step_timescales:
             features = torch.cat((features, self.time_features(second_moment)))
+        if cfg.momentum_agreement:
+            features = torch.cat((features, self.agreement(agreement, second_moment)))
         if extra is not None:
             features = torch.cat((features, extra), dim=0)
         return features, momentum, second_moment
@@ -244,6 +259,15 @@ class LSTMGACRule(InPlaceStep, nn.Module):
                                        device=second_moment.device).unsqueeze(1)
             self._inverse_timescales[key] = inverse
         return torch.tanh(second_moment[-1:] * inverse)
+
+    def agreement(self, product: Tensor, second_moment: Tensor) -> Tensor:
+        """a_t = ∇_t·m̂_{t−1}/v̂_t (1, n) from the product ∇_t·m_{t−1} (1, n) and the advanced v and t:
+        m̂_{t−1} = (1−β)·m_{t−1}/(1 − β^{t−1}) (m_0 = 0 makes a_1 = 0), v̂_t as in :meth:`_rms`
+        (squared), clamped to ±AGREEMENT_BOUND (``momentum_agreement``)."""
+        beta = self.config.momentum_decays[self.config.main_momentum_row]
+        previous = torch.clamp_min(second_moment[-1:] - 1, 1)  # t − 1, at least 1 (where m_{t−1} = 0 anyway)
+        average = product * ((1 - beta) / (1 - torch.pow(beta, previous)))
+        return (average / self._rms(second_moment).square()).clamp_(-AGREEMENT_BOUND, AGREEMENT_BOUND)
 
     def output(self, top: Tensor, momentum: Tensor, second_moment: Tensor, out: Tensor | None = None) -> Tensor:
         """g_t (n,) from the top layer's output (H, n) and the advanced momentum sums and v:

@@ -20,6 +20,7 @@ GAC_SCOPES = ("tensor", "group")
 # 1/√(1−β₂)) and unchanged when the gradients are multiplied by any c > 0 (up to ε).
 INPUT_FEATURES = ("log-sign", "normalized")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
+AGREEMENT_BOUND = 10.0  # |a_t| of momentum_agreement is clamped here (|∇/√v̂|·|m̂/√v̂| is a few in steady training)
 # v and mean squares of θ are floored here before √ (a value 1e-15 below ε): √'s derivative at 0 is
 # infinite, and a coordinate whose gradient is always 0 (a dead unit) or a scope of zeros would make
 # the second-order meta-gradient inf·0 = NaN without it; the floor's own derivative there is 0.
@@ -84,6 +85,10 @@ class LSTMGACConfig:
     # 2025): the same rule moves a tensor of RMS 1 (the paper's quadratics) 25× farther than one of RMS
     # 0.04 (an MNIST MLP's first layer), and rescaling a tensor θ → cθ (∇ → ∇/c) rescales its steps by c;
     # ε_θ keeps zero-initialized tensors (biases) moving. Needs the normalized directions (absolute_step=False)
+    momentum_agreement: bool = False  # the LSTM also reads a_t = ∇_t·m̂_{t−1}/v̂_t for the momentum sum nearest
+    # β = 0.9, clamped to ±AGREEMENT_BOUND: positive while the gradient keeps pointing where the steps have been
+    # going, negative once a step overshot a valley (the gradient turned against the momentum). Invariant to the
+    # gradients' scale and to θ → cθ per tensor, like the other normalized inputs (needs them, and bias_correction)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -134,6 +139,11 @@ class LSTMGACConfig:
                 raise ValueError("relative_step needs absolute_step=False: it scales the learned step sizes on the "
                                  "normalized directions, which carry no units of their own")
             object.__setattr__(self, "relative_step", float(rel))
+        if not isinstance(self.momentum_agreement, bool):
+            raise ValueError(f"momentum_agreement must be True or False, got {self.momentum_agreement!r}")
+        if self.momentum_agreement and (self.input_features != "normalized" or not self.bias_correction):
+            raise ValueError("momentum_agreement needs input_features 'normalized' and bias_correction "
+                             "(a_t is ∇_t·m̂_{t−1}/v̂_t, bias-corrected with the step count t)")
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
@@ -175,7 +185,13 @@ class LSTMGACConfig:
         features = ([f"log({s})" for s in signals] + [f"sign({s})" for s in signals]
                     if self.input_features == "log-sign" else signals)
         return (features + [f"tanh(t/{tau:g})" for tau in self.step_timescales]
+                + ([f"agreement[{self.momentum_decays[self.main_momentum_row]:g}]"] if self.momentum_agreement else [])
                 + [f"extra[{e}]" for e in range(self.extra_inputs)])
+
+    @property
+    def main_momentum_row(self) -> int:
+        """The momentum sum whose β is nearest 0.9: a fresh rule's step, and what ``momentum_agreement`` reads."""
+        return min(range(len(self.momentum_decays)), key=lambda j: abs(self.momentum_decays[j] - 0.9))
 
     @property
     def lstm_rows(self) -> int:
