@@ -12,6 +12,11 @@ some of the suite's tasks (their steps and final-loss window, evaluation seeds):
 * ``scale frozen at θ₀`` (an ablation, not an option of the package): each tensor's factor is
   taken once, at the first step, from θ₀, and kept.
 
+``--hand-step C`` (another ablation) replaces the learned step sizes by a constant: the step is
+−C·d on the β = 0.9 momentum direction d = m̂/√v̂ only, times the same factor, i.e. Adam with
+lr = C·(RMS(θ_t) + ε_θ) (the LSTM still runs, unused). ``--quadratic-seeds`` sets the quadratics'
+seeds apart from the suite tasks' (their median is heavy-tailed: 10 seeds hardly pin it down).
+
 Per run it records the final loss, the growth RMS(θ_T)/RMS(θ₀) of the largest tensor and the
 spikes: steps whose loss exceeds 10× the lowest loss so far. Writes OUT/relative_scale.md and
 OUT/relative_scale.json.
@@ -61,13 +66,24 @@ def spikes(losses: torch.Tensor) -> int:
     return int((losses[1:] > SPIKE_FACTOR * lowest[:-1]).sum())
 
 
-def run(task, steps: int, weights: str, mode: str) -> dict:
+def hand_step(optimizer: LSTMOptimizer, size: float) -> None:
+    """Replace ``optimizer``'s learned step sizes by −``size`` on its β = 0.9 direction (the ablation)."""
+    rule = optimizer.rule
+    with torch.no_grad():
+        rule.momentum_weight.zero_()
+        rule.momentum_bias.zero_()
+        rule.momentum_bias[rule.config.main_momentum_row] = -size
+
+
+def run(task, steps: int, weights: str, mode: str, hand: float | None = None) -> dict:
     """One run: its losses' summary and the largest tensor's RMS growth."""
     made: dict[str, list[torch.Tensor]] = {}
 
     def make(params: list[torch.Tensor]) -> LSTMOptimizer:
         made["params"], made["start"] = params, [p.detach().clone() for p in params]
         optimizer = LSTMOptimizer(params, weights=weights)
+        if hand is not None:
+            hand_step(optimizer, hand)
         if mode != MODES[0]:
             freeze_scales(optimizer)
         return optimizer
@@ -87,9 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=["mlp-paper-100", "mlp-relu", "mlp-tanh"],
                         help="suite tasks beside the quadratics")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 of each task")
+    parser.add_argument("--quadratic-seeds", type=int, default=None,
+                        help="seeds 0..N-1 of the quadratics (default: --seeds)")
+    parser.add_argument("--hand-step", type=float, default=None, metavar="C",
+                        help="ablation: the learned step sizes replaced by C on the β = 0.9 direction")
     parser.add_argument("--data", default="../shared/data", help="MNIST directory (the suite's MNIST tasks)")
     parser.add_argument("--out", type=Path, default=Path("results/relative-scale"))
     args = parser.parse_args(argv)
+    for name in ("seeds", "quadratic_seeds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.hand_step is not None and not args.hand_step > 0:
+        parser.error(f"--hand-step must be a positive step size, got {args.hand_step}")
+    quadratic_seeds = args.seeds if args.quadratic_seeds is None else args.quadratic_seeds
     torch.set_num_threads(1)
     known = {t.name: t for t in suite.SUITE}
     unknown = [name for name in args.tasks if name not in known]
@@ -97,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown suite tasks {unknown}; the suite has {sorted(known)}")
 
     start = time.perf_counter()
-    cases = [("quadratic", QuadraticFamily(), 100, benchmark_final_loss)]
-    cases += [(name, known[name].build(args.data), known[name].steps, suite.final_loss) for name in args.tasks]
+    cases = [("quadratic", QuadraticFamily(), 100, benchmark_final_loss, quadratic_seeds)]
+    cases += [(name, known[name].build(args.data), known[name].steps, suite.final_loss, args.seeds)
+              for name in args.tasks]
     rows = []
-    for name, family, steps, final in cases:
+    for name, family, steps, final, seeds in cases:
         for mode in MODES:
-            runs = [run(family.sample(seed), steps, args.weights, mode) for seed in range(args.seeds)]
+            runs = [run(family.sample(seed), steps, args.weights, mode, args.hand_step) for seed in range(seeds)]
             finals = [final(r["losses"]) for r in runs]
-            row = {"task": name, "mode": mode, "steps": steps, "finals": finals,
+            row = {"task": name, "mode": mode, "steps": steps, "seeds": seeds, "finals": finals,
                    "median_final": statistics.median(finals),
                    "median_growth": statistics.median(r["growth"] for r in runs),
                    "max_growth": max(r["growth"] for r in runs),
@@ -114,19 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
 
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(argv)}".strip()
-    lines = [f"Command: `{command}` ({seconds:.0f} s, weights `{args.weights}`, seeds 0..{args.seeds - 1}, "
-             f"one thread). Growth: RMS(θ_T)/RMS(θ₀) of each run's largest tensor; spikes: a loss over "
+    rule = "the learned step" if args.hand_step is None else f"steps replaced by {args.hand_step:g}·d (hand)"
+    lines = [f"Command: `{command}` ({seconds:.0f} s, weights `{args.weights}`, {rule}, one thread). Growth: RMS(θ_T)/RMS(θ₀) of each run's largest tensor; spikes: a loss over "
              f"{SPIKE_FACTOR:g}× the lowest before it.", "",
-             "| task | steps | scale | median final loss | median growth | max growth | seeds with spikes |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             "| task | steps | seeds | scale | median final loss | median growth | max growth | seeds with spikes |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['steps']} | {r['mode']} | {r['median_final']:.4g} | "
-                     f"{r['median_growth']:.2f} | {r['max_growth']:.2f} | {r['seeds_with_spikes']}/{args.seeds} |")
+        lines.append(f"| {r['task']} | {r['steps']} | 0..{r['seeds'] - 1} | {r['mode']} | {r['median_final']:.4g} | "
+                     f"{r['median_growth']:.2f} | {r['max_growth']:.2f} | {r['seeds_with_spikes']}/{r['seeds']} |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "relative_scale.md").write_text(text + "\n")
-    (args.out / "relative_scale.json").write_text(json.dumps({"command": command, "weights": args.weights,
+    (args.out / "relative_scale.json").write_text(json.dumps({"command": command, "weights": args.weights, "hand_step": args.hand_step,
                                                               "seconds": seconds, "rows": rows}, indent=1))
     return 0
 

@@ -45,3 +45,18 @@ def test_frozen_scales_keep_theta_zeros_rms_while_the_shipped_step_follows_theta
     # shipped: × (RMS(θ) + ε) of the θ it steps from; frozen: × (RMS(θ₀) + ε) for good
     torch.testing.assert_close(steps[False], steps[True] * (rms(scaled[True]) + eps) / (rms(start) + eps),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_hand_step_is_adam_with_lr_c_times_the_tensors_rms():
+    # At step 1 with bias correction m̂ = ∇ and v̂ = ∇², so d = ∇/(|∇| + ε) ≈ sign ∇: the hand step
+    # is −C·(RMS(θ₀) + ε_θ)·sign ∇, whatever the LSTM outputs.
+    start = torch.linspace(-1.0, 2.0, 12).reshape(4, 3)
+    theta = torch.nn.Parameter(start.clone())
+    opt = LSTMOptimizer([theta])
+    relative_scale.hand_step(opt, 0.5)
+    opt.zero_grad()
+    (theta * torch.linspace(-3.0, 3.0, 12).reshape(4, 3)).sum().backward()
+    sign = theta.grad.sign()
+    opt.step()
+    factor = float(start.square().mean().sqrt()) + opt.rule.config.relative_step
+    torch.testing.assert_close(theta.detach() - start, -0.5 * factor * sign, rtol=1e-4, atol=1e-6)
