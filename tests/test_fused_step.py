@@ -147,6 +147,26 @@ def test_a_parameter_relative_rule_steps_alike_fused_and_eager(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_rule_reading_its_scale_growth_steps_alike_fused_and_eager(device):
+    """scale_growth: g_t enters the kernels as the input row before the extra rows, and the factor
+    s_t·exp((α − 1)·g_t) multiplies their output, as in the eager step (row and head in use)."""
+    base = RULES["no-absolute-step-time-features"]
+    config = LSTMGACConfig(**{**base.config.to_dict(), "relative_step": 0.01, "scale_growth": True})
+    growing = LSTMGACRule(config)
+    growing.load_state_dict(widened_inputs(base.state_dict(), base.config, config))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(8)
+        growing.core.weights[0][config.input_names().index("log(scale/scale0)")] = \
+            torch.randn(growing.core.weights[0].shape[1], generator=gen)
+        growing.growth_weight.copy_(torch.randn(config.hidden_size, 1, generator=gen) * 0.5)
+        growing.growth_bias.fill_(-0.5)
+    fused, _ = _train(LSTMOptimizer, device, fused=True, weights=growing)
+    eager, _ = _train(LSTMOptimizer, device, fused=False, weights=growing)
+    for a, b in zip(fused.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("optimizer_class", "kwargs"), [
     (LSTMOptimizer, {}),
     (LSTMOptimizer, {"state_dtype": torch.bfloat16}),

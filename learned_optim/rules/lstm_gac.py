@@ -65,6 +65,15 @@ relative step that grows with RMS(θ) overshoots on a problem whose curvature do
 no state of its own (m_{t−1} is read before m advances). Weights without it are widened with a zero input
 row (:func:`widened_inputs`), which steps exactly as before.
 
+With ``scale_growth`` the LSTM also reads g_t = log(s_t/s_0) (clamped to ±GROWTH_BOUND), the growth of the
+relative step's factor s = RMS(θ) + ε_θ since the first step, whose s_0 one more state row keeps (0 until then).
+The relative step makes every step a fraction of the tensor's current scale, which is what nets whose weights grow
+10× want, and not what a quadratic wants, whose curvature does not change with θ's scale: with the factor held
+at s_0 the shipped default's learned steps end 2× lower on the paper's quadratics (1,000 seeds), and 3–28× higher
+on the nets. g_t lets the rule tell them apart, and it chooses how much of the growth its step follows: the
+factor becomes s_t·exp((α_t − 1)·g_t) = s_0·(s_t/s_0)^α_t, α_t = 1 + tanh(wᵀh + b) ∈ (0, 2) per coordinate from
+the top layer (w = b = 0: α = 1, the plain relative step exactly). Invariant to θ → cθ per tensor (up to ε_θ).
+
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
 with the graph kept. There is no second copy of this math anywhere: the in-place step of the
@@ -85,6 +94,7 @@ from .lstm_gac_config import (
     AGREEMENT_BOUND,
     FRESH_MOMENTUM_STEP,
     FRESH_RELATIVE_STEP,
+    GROWTH_BOUND,
     RMS_EPSILON,
     SQRT_FLOOR,
     STEP_CHUNK,
@@ -116,6 +126,9 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         if cfg.absolute_step:  # the rest of φ's initialization does not depend on the flag
             self.output_weight = nn.Parameter(output_weight)
             self.output_bias = nn.Parameter(torch.zeros(1))
+        if cfg.scale_growth:  # w, b of the growth exponent α = 1 + tanh(wᵀh + b): 1 at the start
+            self.growth_weight = nn.Parameter(torch.zeros(cfg.hidden_size, 1))
+            self.growth_bias = nn.Parameter(torch.zeros(1))
         if num_momenta:  # u_j, c_j: step sizes on the momentum sums, zero at the start
             self.momentum_weight = nn.Parameter(torch.zeros(cfg.hidden_size, num_momenta))
             self.momentum_bias = nn.Parameter(torch.zeros(num_momenta))
@@ -167,11 +180,13 @@ class LSTMGACRule(InPlaceStep, nn.Module):
 
     def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Views of a state (R, N): LSTM h and c (L, 2, H, N), the momentum sums (M, N) and the
-        normalization rows (v, then t with bias correction: 0 to 2, N)."""
+        normalization rows (v, then t with bias correction: 0 to 2, N); with ``scale_growth`` the last
+        row, s_0, is :meth:`scale_origin`'s."""
         cfg = self.config
         if state.dim() != 2 or state.shape[0] != cfg.state_rows:
             raise ValueError(f"rule state must have shape ({cfg.state_rows}, N), got {tuple(state.shape)}")
-        lstm, momentum, second_moment = state.split((cfg.lstm_rows, len(cfg.momentum_decays), cfg.rms_rows))
+        lstm, momentum, second_moment, _ = state.split((cfg.lstm_rows, len(cfg.momentum_decays), cfg.rms_rows,
+                                                        cfg.origin_rows))
         return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum, second_moment
 
     def segments(self, sizes: Sequence[int], device: torch.device | str | None = None,
@@ -205,15 +220,41 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         self._check_extra(extra)
         self._check_params(params, grad)
         lstm_state, momentum, second_moment = self.split_state(state)
+        scale = self.param_scale(params, segments) if params is not None and self.needs_params else None
+        if cfg.scale_growth:
+            growth, origin = self.scale_growth(cast(Tensor, scale), self.scale_origin(state))
+            extra = growth if extra is None else torch.cat((growth, extra))
         features, momentum, second_moment = self.signals(grad, momentum, second_moment, extra)
         top, new_lstm = self.core(features, lstm_state, segments)
         update = self.output(top, momentum, second_moment)
-        if params is not None and self.needs_params:
-            update = update * self.param_scale(params, segments)
+        if cfg.scale_growth:
+            update = update * self.grown_scale(cast(Tensor, scale), growth, top)
+        elif scale is not None:
+            update = update * scale
         new_state = new_lstm.view(cfg.lstm_rows, -1)
         if cfg.momentum_decays:
             new_state = torch.cat((new_state, momentum, second_moment))
+        if cfg.scale_growth:
+            new_state = torch.cat((new_state, origin))
         return update, new_state, top
+
+    def scale_origin(self, state: Tensor) -> Tensor:
+        """The state's s_0 row (1, N) of ``scale_growth``: the step factor at the first step, 0 before it."""
+        if not self.config.scale_growth:
+            raise ValueError("this rule keeps no scale origin (scale_growth is off)")
+        return state[-1:]
+
+    def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor:
+        """The step factor (n,) with ``scale_growth``: s_t·exp((α − 1)·g_t) = s_0·(s_t/s_0)^α, the learned
+        exponent α = 1 + tanh(wᵀh + b) from the top layer's output h (H, n), g_t (1, n) as the LSTM read it."""
+        exponent = torch.tanh(torch.addmm(self.growth_bias.unsqueeze(1), self.growth_weight.t(), top))  # α − 1
+        return scale * torch.exp(exponent * growth).squeeze(0)
+
+    def scale_growth(self, scale: Tensor, origin: Tensor) -> tuple[Tensor, Tensor]:
+        """g_t = log(s_t/s_0) (1, n), clamped to ±GROWTH_BOUND, and s_0 (1, n) from the factors s_t (n,)
+        and the kept s_0 (1, n): s_0 is s_t where none is kept yet (0; every factor is at least ε_θ > 0)."""
+        origin = torch.where(origin > 0, origin, scale.unsqueeze(0))
+        return torch.log(scale.unsqueeze(0) / origin).clamp(-GROWTH_BOUND, GROWTH_BOUND), origin
 
     def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
                 in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -362,7 +403,8 @@ class LSTMGACRule(InPlaceStep, nn.Module):
 def widened_inputs(weights: dict[str, Tensor], source: LSTMGACConfig, target: LSTMGACConfig) -> dict[str, Tensor]:
     """``weights`` of a rule with config ``source`` for one with config ``target`` that reads more
     LSTM inputs (time features, extra rows): the first layer's input rows matched by name, zero
-    for the new inputs, so the widened rule steps exactly as the source did until they are trained.
+    for the new inputs (and ``scale_growth``'s exponent head at zero: α = 1), so the widened rule
+    steps exactly as the source did until they are trained.
     Every other field, and every other tensor, must agree (checked when the weights are loaded)."""
     have, want = source.input_names(), target.input_names()
     missing = [name for name in have if name not in want]
@@ -373,4 +415,8 @@ def widened_inputs(weights: dict[str, Tensor], source: LSTMGACConfig, target: LS
     for index, name in enumerate(have):
         rows[want.index(name)] = first[index]
     rows[len(want):] = first[len(have):]  # the recurrent rows (h)
-    return {**weights, "core.weights.0": rows}
+    widened = {**weights, "core.weights.0": rows}
+    if target.scale_growth and not source.scale_growth:  # its exponent head at α = 1: the plain relative step
+        widened["growth_weight"] = first.new_zeros(target.hidden_size, 1)
+        widened["growth_bias"] = first.new_zeros(1)
+    return widened

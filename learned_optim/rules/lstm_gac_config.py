@@ -20,6 +20,7 @@ GAC_SCOPES = ("tensor", "group")
 # 1/√(1−β₂)) and unchanged when the gradients are multiplied by any c > 0 (up to ε).
 INPUT_FEATURES = ("log-sign", "normalized")
 RMS_EPSILON = 1e-8  # ε of the normalized momentum directions (Adam's default)
+GROWTH_BOUND = 5.0  # |g_t| of scale_growth is clamped here (e⁵ ≈ 148× the step factor at θ₀)
 AGREEMENT_BOUND = 10.0  # |a_t| of momentum_agreement is clamped here (|∇/√v̂|·|m̂/√v̂| is a few in steady training)
 # v and mean squares of θ are floored here before √ (a value 1e-15 below ε): √'s derivative at 0 is
 # infinite, and a coordinate whose gradient is always 0 (a dead unit) or a scope of zeros would make
@@ -89,6 +90,12 @@ class LSTMGACConfig:
     # β = 0.9, clamped to ±AGREEMENT_BOUND: positive while the gradient keeps pointing where the steps have been
     # going, negative once a step overshot a valley (the gradient turned against the momentum). Invariant to the
     # gradients' scale and to θ → cθ per tensor, like the other normalized inputs (needs them, and bias_correction)
+    scale_growth: bool = False  # the LSTM also reads g_t = log(s_t/s_0), how far the relative step's factor
+    # s = RMS(θ) + ε_θ of the coordinate's scope has grown (or shrunk) since the first step, clamped to
+    # ±GROWTH_BOUND (one more state row keeps s_0), and the factor becomes s_0·(s_t/s_0)^α with a learned
+    # exponent α ∈ (0, 2) per coordinate (1 at the start: the plain relative step). A net whose weights grow 10×
+    # wants its steps to grow with them; a quadratic, whose curvature does not change with θ's scale, wants a
+    # step that does not. Invariant to θ → cθ per tensor (up to ε_θ). Needs relative_step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -144,6 +151,10 @@ class LSTMGACConfig:
         if self.momentum_agreement and (self.input_features != "normalized" or not self.bias_correction):
             raise ValueError("momentum_agreement needs input_features 'normalized' and bias_correction "
                              "(a_t is ∇_t·m̂_{t−1}/v̂_t, bias-corrected with the step count t)")
+        if not isinstance(self.scale_growth, bool):
+            raise ValueError(f"scale_growth must be True or False, got {self.scale_growth!r}")
+        if self.scale_growth and self.relative_step is None:
+            raise ValueError("scale_growth needs relative_step (g_t is the growth of its factor RMS(θ) + ε_θ)")
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
@@ -180,12 +191,14 @@ class LSTMGACConfig:
 
     def input_names(self) -> list[str]:
         """The LSTM's input rows in order, by what they hold: the features of ∇ and the momentum
-        sums, the time features tanh(t/τ_k), then the extra rows (a warm start matches them by name)."""
+        sums, the time features tanh(t/τ_k), the agreement and the scale's growth, then the extra rows
+        (a warm start matches them by name)."""
         signals = ["grad"] + [f"momentum[{beta:g}]" for beta in self.momentum_decays]
         features = ([f"log({s})" for s in signals] + [f"sign({s})" for s in signals]
                     if self.input_features == "log-sign" else signals)
         return (features + [f"tanh(t/{tau:g})" for tau in self.step_timescales]
                 + ([f"agreement[{self.momentum_decays[self.main_momentum_row]:g}]"] if self.momentum_agreement else [])
+                + (["log(scale/scale0)"] if self.scale_growth else [])
                 + [f"extra[{e}]" for e in range(self.extra_inputs)])
 
     @property
@@ -205,9 +218,16 @@ class LSTMGACConfig:
         return int(self.momentum_rms_decay is not None) + int(self.bias_correction)
 
     @property
+    def origin_rows(self) -> int:
+        """Rows of the rule state after the normalization rows: s_0, the step factor at the first step
+        (``scale_growth``; 0 until that step)."""
+        return int(self.scale_growth)
+
+    @property
     def state_rows(self) -> int:
-        """Rows of the rule state per coordinate: LSTM h and c, one per momentum sum, then v if normalized."""
-        return self.lstm_rows + len(self.momentum_decays) + self.rms_rows
+        """Rows of the rule state per coordinate: LSTM h and c, one per momentum sum, then v if
+        normalized, t if bias-corrected, and s_0 with ``scale_growth``."""
+        return self.lstm_rows + len(self.momentum_decays) + self.rms_rows + self.origin_rows
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSTMGACConfig:

@@ -44,6 +44,9 @@ class InPlaceStep:
         def _check_extra(self, extra: Tensor | None) -> None: ...
         def _check_params(self, params: Tensor | None, grad: Tensor) -> None: ...
         def param_scale(self, params: Tensor, segments: Segments) -> Tensor: ...
+        def scale_origin(self, state: Tensor) -> Tensor: ...
+        def scale_growth(self, scale: Tensor, origin: Tensor) -> tuple[Tensor, Tensor]: ...
+        def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor: ...
         def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
         def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
                     in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]: ...
@@ -98,6 +101,11 @@ class InPlaceStep:
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         if num == 0:
             return lstm[-1, 0]
+        scale = self.param_scale(params, segments) if apply_param_scale and params is not None and self.needs_params \
+            else None
+        growth = None
+        if self.config.scale_growth:
+            growth, extra = self._grow_(state, count, scale, extra)
         if fused:
             from ..kernels.lstm_gac import fused_step_
 
@@ -105,9 +113,27 @@ class InPlaceStep:
         else:
             top = self._eager_step_(grad, state, lstm, momentum, second_moment, v_row, t_row, segments, out,
                                     extra, chunk, sigmoid_tanh)
-        if apply_param_scale and params is not None and self.needs_params:
-            out.mul_(self.param_scale(params, segments))
+        if growth is not None:
+            out.mul_(self.grown_scale(cast(Tensor, scale), growth, top))
+        elif scale is not None:
+            out.mul_(scale)
         return top
+
+    def _grow_(self, state: Tensor, count: Tensor | None, scale: Tensor | None,
+               extra: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``scale_growth``: keeps s_0 in the state's last row (set at the first step) and returns g_t =
+        log(s_t/s_0) (1, N) and the LSTM's extra rows with g_t first (it is the input just before them)."""
+        if scale is None:
+            raise ValueError("scale_growth needs the flat parameters (params=θ_t, apply_param_scale=True): "
+                             "g_t is read per coordinate before the LSTM runs")
+        if count is not None or state.dtype != self.dtype:
+            raise ValueError(f"scale_growth needs the whole rule state in {self.dtype} (its s_0 row is a factor "
+                             f"of the step), got a {state.dtype} state" + (" with the step counts apart" if count
+                                                                             is not None else ""))
+        origin = self.scale_origin(state)
+        growth, kept = self.scale_growth(scale, origin)
+        origin.copy_(kept)
+        return growth, growth if extra is None else torch.cat((growth, extra))
 
     def _eager_step_(self, grad: Tensor, state: Tensor, lstm: Tensor, momentum: Tensor,
                      second_moment: Tensor | None, v_row: Tensor | None, t_row: Tensor | None,
