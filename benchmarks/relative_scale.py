@@ -10,7 +10,9 @@ some of the suite's tasks (their steps and final-loss window, evaluation seeds):
 
 * ``as shipped``: the step is multiplied by RMS(θ_t) + ε_θ of each tensor at every step;
 * ``scale frozen at θ₀`` (an ablation, not an option of the package): each tensor's factor is
-  taken once, at the first step, from θ₀, and kept.
+  taken once, at the first step, from θ₀, and kept;
+* ``scale floored at θ₀'s`` (another): each tensor's factor is max(s_t, s_0), so it follows θ up
+  but not down.
 
 ``--hand-step C`` (another ablation) replaces the learned step sizes by a constant: the step is
 −C·d on the β = 0.9 momentum direction d = m̂/√v̂ only, times the same factor, i.e. Adam with
@@ -41,7 +43,7 @@ from learned_optim.benchmark import train
 from learned_optim.optim.lstm import DEFAULT_WEIGHTS
 from learned_optim.tasks.synthetic import QuadraticFamily
 
-MODES = ("as shipped", "scale frozen at θ₀")
+MODES = ("as shipped", "scale frozen at θ₀", "scale floored at θ₀'s")
 SPIKE_FACTOR = 10.0  # a spike: a loss above this many times the lowest loss so far
 
 
@@ -58,6 +60,21 @@ def freeze_scales(optimizer: LSTMOptimizer) -> None:
         return kept[key]
 
     rule.tensor_param_scales = frozen  # type: ignore[method-assign]
+
+
+def floor_scales(optimizer: LSTMOptimizer) -> None:
+    """Make ``optimizer``'s factors never fall below their values at its first step: max(s_t, s_0)
+    per tensor (the ablation; growing tensors, as the nets' are, step as shipped)."""
+    rule = optimizer.rule
+    computed = rule.tensor_param_scales
+    first: dict[tuple[int, ...], list] = {}
+
+    def floored(params: Sequence[torch.Tensor]) -> list[torch.Tensor] | list[float]:
+        now = computed(params)
+        kept = first.setdefault(tuple(p.data_ptr() for p in params), list(now))
+        return [max(n, k) if isinstance(n, float) else torch.maximum(n, k) for n, k in zip(now, kept)]
+
+    rule.tensor_param_scales = floored  # type: ignore[method-assign]
 
 
 def spikes(losses: torch.Tensor) -> int:
@@ -84,8 +101,10 @@ def run(task, steps: int, weights: str, mode: str, hand: float | None = None) ->
         optimizer = LSTMOptimizer(params, weights=weights)
         if hand is not None:
             hand_step(optimizer, hand)
-        if mode != MODES[0]:
+        if mode == MODES[1]:
             freeze_scales(optimizer)
+        elif mode == MODES[2]:
+            floor_scales(optimizer)
         return optimizer
 
     losses = train(task, make, steps)

@@ -60,3 +60,25 @@ def test_hand_step_is_adam_with_lr_c_times_the_tensors_rms():
     opt.step()
     factor = float(start.square().mean().sqrt()) + opt.rule.config.relative_step
     torch.testing.assert_close(theta.detach() - start, -0.5 * factor * sign, rtol=1e-4, atol=1e-6)
+
+
+def test_floored_scales_follow_theta_up_but_not_down():
+    """After the first step θ is scaled by 8, then by 1/64 (to 1/8 of θ₀): the floored factor is the
+    shipped one going up, and θ₀'s going down."""
+    eps = LSTMOptimizer([torch.nn.Parameter(torch.ones(1))]).rule.config.relative_step
+    start = torch.linspace(-1.0, 2.0, 12).reshape(4, 3)
+    for factor in (8.0, 1 / 8):
+        steps = {}
+        for floored in (False, True):
+            theta = torch.nn.Parameter(start.clone())
+            opt = LSTMOptimizer([theta])
+            if floored:
+                relative_scale.floor_scales(opt)
+            _step(theta, opt)
+            with torch.no_grad():
+                theta.copy_(start * factor)
+            steps[floored] = _step(theta, opt)
+        rms_now = float((start * factor).square().mean().sqrt())
+        rms_start = float(start.square().mean().sqrt())
+        expected = steps[False] * (max(rms_now, rms_start) + eps) / (rms_now + eps)
+        torch.testing.assert_close(steps[True], expected, rtol=1e-5, atol=1e-7)

@@ -33,7 +33,8 @@ def test_growth_is_the_log_ratio_to_the_first_factor_kept_in_the_state_and_clamp
     # no s_0 kept yet (0): s_0 := s_t, g = 0; kept: log(s_t/s_0); beyond e^±5: clamped
     scale = torch.tensor([2.0, 0.5, 3.0, 1e4, 1e-4])
     origin = torch.tensor([[0.0, 1.0, 3.0, 1.0, 1.0]])
-    growth, kept = rule.scale_growth(scale, origin)
+    kept = rule.kept_origin(scale, origin)
+    growth = rule.scale_growth(scale, kept)
     torch.testing.assert_close(kept, torch.tensor([[2.0, 1.0, 3.0, 1.0, 1.0]]))
     torch.testing.assert_close(growth, torch.tensor([[0.0, math.log(0.5), 0.0, GROWTH_BOUND, -GROWTH_BOUND]]))
     assert rule.config.input_names()[-1] == "log(scale/scale0)"
@@ -137,10 +138,10 @@ def test_growth_needs_the_relative_step_and_a_float32_state_of_flat_params():
     layout = rule.segments([10])
     state = rule.init_state(10)
     before = state.clone()
-    with pytest.raises(ValueError, match="scale_growth needs the flat parameters"):
+    with pytest.raises(ValueError, match="scale_growth and relative_floor need the flat parameters"):
         rule.step_(torch.ones(10), state, layout, torch.empty(10), apply_param_scale=False)
     assert torch.equal(state, before)  # refused before anything moved
-    with pytest.raises(ValueError, match="state_dtype=torch.bfloat16: weights with scale_growth"):
+    with pytest.raises(ValueError, match="state_dtype=torch.bfloat16: weights with scale_growth or relative_floor"):
         LSTMOptimizer([torch.nn.Parameter(torch.ones(3))], weights=rule, state_dtype=torch.bfloat16)
 
 

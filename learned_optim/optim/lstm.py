@@ -90,9 +90,9 @@ class LSTMOptimizer(LearnedRuleOptimizer):
     ) -> None:
         self._load(weights, seed, lambda s: LSTMGACRule(seed=s))
         self.state_dtype = check_state_dtype(state_dtype)
-        if self.rule.config.scale_growth and self.state_dtype != torch.float32:
-            raise ValueError(f"state_dtype={self.state_dtype}: weights with scale_growth keep their state in "
-                             f"float32 (its s_0 row is a factor of the step)")
+        if self.rule.config.origin_rows and self.state_dtype != torch.float32:
+            raise ValueError(f"state_dtype={self.state_dtype}: weights with scale_growth or relative_floor keep "
+                             f"their state in float32 (its s_0 row is a factor of the step)")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite,
                                       chunk_size=chunk_size, fused=fused))
 
@@ -156,8 +156,8 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             count = self._count_row(steps, sizes, device) if steps else None
             targets = [params[i] for i in indices]
             # θ_t, for a parameter-relative step: per tensor, unless sharded (then flat, its scopes all-reduced)
-            # (and flat with scale_growth, whose input g_t the rule reads per coordinate)
-            per_tensor = rule.needs_params and process_group is None and not rule.config.scale_growth
+            # (and flat with scale_growth or relative_floor, whose s_0 the rule keeps per coordinate)
+            per_tensor = rule.needs_params and process_group is None and not rule.config.origin_rows
             scales = rule.tensor_param_scales(targets) if per_tensor else None  # step() runs under no_grad
             flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
                 if rule.needs_params and not per_tensor else None

@@ -73,6 +73,7 @@ at s_0 the shipped default's learned steps end 2× lower on the paper's quadrati
 on the nets. g_t lets the rule tell them apart, and it chooses how much of the growth its step follows: the
 factor becomes s_t·exp((α_t − 1)·g_t) = s_0·(s_t/s_0)^α_t, α_t = 1 + tanh(wᵀh + b) ∈ (0, 2) per coordinate from
 the top layer (w = b = 0: α = 1, the plain relative step exactly). Invariant to θ → cθ per tensor (up to ε_θ).
+With ``relative_floor`` the factor is max(s_t, s_0) (the same s_0 row): it follows θ up, not down.
 
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
@@ -180,8 +181,8 @@ class LSTMGACRule(InPlaceStep, nn.Module):
 
     def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Views of a state (R, N): LSTM h and c (L, 2, H, N), the momentum sums (M, N) and the
-        normalization rows (v, then t with bias correction: 0 to 2, N); with ``scale_growth`` the last
-        row, s_0, is :meth:`scale_origin`'s."""
+        normalization rows (v, then t with bias correction: 0 to 2, N); with ``scale_growth`` or
+        ``relative_floor`` the last row, s_0, is :meth:`scale_origin`'s."""
         cfg = self.config
         if state.dim() != 2 or state.shape[0] != cfg.state_rows:
             raise ValueError(f"rule state must have shape ({cfg.state_rows}, N), got {tuple(state.shape)}")
@@ -221,8 +222,11 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         self._check_params(params, grad)
         lstm_state, momentum, second_moment = self.split_state(state)
         scale = self.param_scale(params, segments) if params is not None and self.needs_params else None
+        if cfg.origin_rows:
+            origin = self.kept_origin(cast(Tensor, scale), self.scale_origin(state))
+            scale = self.floored_scale(cast(Tensor, scale), origin)
         if cfg.scale_growth:
-            growth, origin = self.scale_growth(cast(Tensor, scale), self.scale_origin(state))
+            growth = self.scale_growth(cast(Tensor, scale), origin)
             extra = growth if extra is None else torch.cat((growth, extra))
         features, momentum, second_moment = self.signals(grad, momentum, second_moment, extra)
         top, new_lstm = self.core(features, lstm_state, segments)
@@ -234,15 +238,26 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         new_state = new_lstm.view(cfg.lstm_rows, -1)
         if cfg.momentum_decays:
             new_state = torch.cat((new_state, momentum, second_moment))
-        if cfg.scale_growth:
+        if cfg.origin_rows:
             new_state = torch.cat((new_state, origin))
         return update, new_state, top
 
     def scale_origin(self, state: Tensor) -> Tensor:
-        """The state's s_0 row (1, N) of ``scale_growth``: the step factor at the first step, 0 before it."""
-        if not self.config.scale_growth:
-            raise ValueError("this rule keeps no scale origin (scale_growth is off)")
+        """The state's s_0 row (1, N) (``scale_growth``, ``relative_floor``): the step factor at the first
+        step, 0 before it."""
+        if not self.config.origin_rows:
+            raise ValueError("this rule keeps no scale origin (scale_growth and relative_floor are off)")
         return state[-1:]
+
+    @staticmethod
+    def kept_origin(scale: Tensor, origin: Tensor) -> Tensor:
+        """s_0 (1, n) from the factors s_t (n,) and the kept s_0 (1, n): s_t where none is kept yet (0;
+        every factor is at least ε_θ > 0)."""
+        return torch.where(origin > 0, origin, scale.unsqueeze(0))
+
+    def floored_scale(self, scale: Tensor, origin: Tensor) -> Tensor:
+        """max(s_t, s_0) (n,) with ``relative_floor``, else s_t as it is."""
+        return torch.maximum(scale, origin.squeeze(0)) if self.config.relative_floor else scale
 
     def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor:
         """The step factor (n,) with ``scale_growth``: s_t·exp((α − 1)·g_t) = s_0·(s_t/s_0)^α, the learned
@@ -250,11 +265,9 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         exponent = torch.tanh(torch.addmm(self.growth_bias.unsqueeze(1), self.growth_weight.t(), top))  # α − 1
         return scale * torch.exp(exponent * growth).squeeze(0)
 
-    def scale_growth(self, scale: Tensor, origin: Tensor) -> tuple[Tensor, Tensor]:
-        """g_t = log(s_t/s_0) (1, n), clamped to ±GROWTH_BOUND, and s_0 (1, n) from the factors s_t (n,)
-        and the kept s_0 (1, n): s_0 is s_t where none is kept yet (0; every factor is at least ε_θ > 0)."""
-        origin = torch.where(origin > 0, origin, scale.unsqueeze(0))
-        return torch.log(scale.unsqueeze(0) / origin).clamp(-GROWTH_BOUND, GROWTH_BOUND), origin
+    def scale_growth(self, scale: Tensor, origin: Tensor) -> Tensor:
+        """g_t = log(s_t/s_0) (1, n), clamped to ±GROWTH_BOUND, from the factors s_t (n,) and s_0 (1, n)."""
+        return torch.log(scale.unsqueeze(0) / origin).clamp(-GROWTH_BOUND, GROWTH_BOUND)
 
     def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
                 in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:

@@ -96,6 +96,9 @@ class LSTMGACConfig:
     # exponent α ∈ (0, 2) per coordinate (1 at the start: the plain relative step). A net whose weights grow 10×
     # wants its steps to grow with them; a quadratic, whose curvature does not change with θ's scale, wants a
     # step that does not. Invariant to θ → cθ per tensor (up to ε_θ). Needs relative_step
+    relative_floor: bool = False  # the relative step's factor never falls below its value at the first step:
+    # max(s_t, s_0) per scope (s_0 in the same state row as scale_growth's). Growing tensors (the nets' weights)
+    # step as without it; a tensor that shrinks keeps θ₀'s step size, as Adam keeps its lr. Needs relative_step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -155,6 +158,10 @@ class LSTMGACConfig:
             raise ValueError(f"scale_growth must be True or False, got {self.scale_growth!r}")
         if self.scale_growth and self.relative_step is None:
             raise ValueError("scale_growth needs relative_step (g_t is the growth of its factor RMS(θ) + ε_θ)")
+        if not isinstance(self.relative_floor, bool):
+            raise ValueError(f"relative_floor must be True or False, got {self.relative_floor!r}")
+        if self.relative_floor and self.relative_step is None:
+            raise ValueError("relative_floor needs relative_step (it floors that step's factor RMS(θ) + ε_θ)")
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
@@ -220,13 +227,13 @@ class LSTMGACConfig:
     @property
     def origin_rows(self) -> int:
         """Rows of the rule state after the normalization rows: s_0, the step factor at the first step
-        (``scale_growth``; 0 until that step)."""
-        return int(self.scale_growth)
+        (``scale_growth`` or ``relative_floor``; 0 until that step)."""
+        return int(self.scale_growth or self.relative_floor)
 
     @property
     def state_rows(self) -> int:
         """Rows of the rule state per coordinate: LSTM h and c, one per momentum sum, then v if
-        normalized, t if bias-corrected, and s_0 with ``scale_growth``."""
+        normalized, t if bias-corrected, and s_0 with ``scale_growth`` or ``relative_floor``."""
         return self.lstm_rows + len(self.momentum_decays) + self.rms_rows + self.origin_rows
 
     @classmethod

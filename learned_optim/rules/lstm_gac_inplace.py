@@ -45,7 +45,10 @@ class InPlaceStep:
         def _check_params(self, params: Tensor | None, grad: Tensor) -> None: ...
         def param_scale(self, params: Tensor, segments: Segments) -> Tensor: ...
         def scale_origin(self, state: Tensor) -> Tensor: ...
-        def scale_growth(self, scale: Tensor, origin: Tensor) -> tuple[Tensor, Tensor]: ...
+        @staticmethod
+        def kept_origin(scale: Tensor, origin: Tensor) -> Tensor: ...
+        def floored_scale(self, scale: Tensor, origin: Tensor) -> Tensor: ...
+        def scale_growth(self, scale: Tensor, origin: Tensor) -> Tensor: ...
         def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor: ...
         def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
         def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
@@ -104,8 +107,8 @@ class InPlaceStep:
         scale = self.param_scale(params, segments) if apply_param_scale and params is not None and self.needs_params \
             else None
         growth = None
-        if self.config.scale_growth:
-            growth, extra = self._grow_(state, count, scale, extra)
+        if self.config.origin_rows:
+            scale, growth, extra = self._from_origin_(state, count, scale, extra)
         if fused:
             from ..kernels.lstm_gac import fused_step_
 
@@ -119,21 +122,25 @@ class InPlaceStep:
             out.mul_(scale)
         return top
 
-    def _grow_(self, state: Tensor, count: Tensor | None, scale: Tensor | None,
-               extra: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``scale_growth``: keeps s_0 in the state's last row (set at the first step) and returns g_t =
-        log(s_t/s_0) (1, N) and the LSTM's extra rows with g_t first (it is the input just before them)."""
+    def _from_origin_(self, state: Tensor, count: Tensor | None, scale: Tensor | None,
+                      extra: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``scale_growth``/``relative_floor``: keeps s_0 in the state's last row (set at the first step)
+        and returns the factor (floored with ``relative_floor``), g_t = log(s_t/s_0) (1, N) with
+        ``scale_growth`` (else None) and the LSTM's extra rows, g_t first (the input just before them)."""
         if scale is None:
-            raise ValueError("scale_growth needs the flat parameters (params=θ_t, apply_param_scale=True): "
-                             "g_t is read per coordinate before the LSTM runs")
+            raise ValueError("scale_growth and relative_floor need the flat parameters (params=θ_t, "
+                             "apply_param_scale=True): s_0 is kept per coordinate")
         if count is not None or state.dtype != self.dtype:
-            raise ValueError(f"scale_growth needs the whole rule state in {self.dtype} (its s_0 row is a factor "
-                             f"of the step), got a {state.dtype} state" + (" with the step counts apart" if count
-                                                                             is not None else ""))
+            raise ValueError(f"scale_growth and relative_floor need the whole rule state in {self.dtype} (its "
+                             f"s_0 row is a factor of the step), got a {state.dtype} state"
+                             + (" with the step counts apart" if count is not None else ""))
         origin = self.scale_origin(state)
-        growth, kept = self.scale_growth(scale, origin)
-        origin.copy_(kept)
-        return growth, growth if extra is None else torch.cat((growth, extra))
+        origin.copy_(self.kept_origin(scale, origin))
+        scale = self.floored_scale(scale, origin)
+        if not self.config.scale_growth:
+            return scale, None, extra
+        growth = self.scale_growth(scale, origin)
+        return scale, growth, growth if extra is None else torch.cat((growth, extra))
 
     def _eager_step_(self, grad: Tensor, state: Tensor, lstm: Tensor, momentum: Tensor,
                      second_moment: Tensor | None, v_row: Tensor | None, t_row: Tensor | None,

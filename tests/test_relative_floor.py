@@ -1,0 +1,72 @@
+"""``relative_floor``: the relative step's factor max(s_t, s_0), by hand; the in-place step and the
+drop-in optimizer against the differentiable step and against the per-tensor ablation of
+``benchmarks/relative_scale.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchmark_scripts import load_script
+
+from learned_optim import LSTMOptimizer
+from learned_optim.rules import LSTMGACConfig, LSTMGACRule, load_rule
+
+relative_scale = load_script("relative_scale")
+
+
+def _floored(rule: LSTMGACRule) -> LSTMGACRule:
+    floored = LSTMGACRule(LSTMGACConfig(**{**rule.config.to_dict(), "relative_floor": True}))
+    floored.load_state_dict(rule.state_dict())  # the same φ: the floor adds no weights and no input
+    return floored
+
+
+def test_the_floor_keeps_theta_zeros_factor_when_theta_shrinks_and_not_when_it_grows():
+    shipped, _ = load_rule("suite-relative-offset")
+    floored = _floored(shipped)
+    layout = shipped.segments([30])
+    start = torch.linspace(-1.0, 2.0, 30)
+    grad = torch.linspace(0.5, -0.7, 30)
+    eps = shipped.config.relative_step
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.square().mean().sqrt())
+
+    for factor in (8.0, 1 / 8):
+        updates = {}
+        for name, rule in (("plain", shipped), ("floored", floored)):
+            state = rule.init_state(30)
+            with torch.no_grad():
+                _, state = rule(grad, state, layout, params=start)
+                updates[name], state = rule(grad, state, layout, params=start * factor)
+        expected = updates["plain"] * (max(rms(start * factor), rms(start)) + eps) / (rms(start * factor) + eps)
+        torch.testing.assert_close(updates["floored"], expected, rtol=1e-5, atol=1e-8)
+        assert float(state[-1, 0]) == pytest.approx(rms(start) + eps)  # s_0 kept from the first step
+
+
+def test_in_place_and_optimizer_steps_match_the_rule_and_the_ablation():
+    shipped, _ = load_rule("suite-relative-offset")
+    floored = _floored(shipped)
+    runs = {}
+    for name in ("option", "ablation"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+        if name == "option":
+            opt = LSTMOptimizer(model.parameters(), weights=floored)
+        else:
+            opt = LSTMOptimizer(model.parameters(), weights=shipped)
+            relative_scale.floor_scales(opt)
+        x, y = torch.randn(32, 6), torch.randn(32, 1)
+        for _ in range(8):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            with torch.no_grad():  # shrink the last layer: its floor binds from here on
+                model[2].weight.mul_(0.7)
+        runs[name] = list(model.parameters())
+    for a, b in zip(runs["option"], runs["ablation"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_floor_needs_the_relative_step():
+    with pytest.raises(ValueError, match="relative_floor needs relative_step"):
+        LSTMGACConfig(relative_floor=True)
