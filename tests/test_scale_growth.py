@@ -141,6 +141,9 @@ def test_growth_needs_the_relative_step_and_a_float32_state_of_flat_params():
     with pytest.raises(ValueError, match="scale_growth and relative_floor need the flat parameters"):
         rule.step_(torch.ones(10), state, layout, torch.empty(10), apply_param_scale=False)
     assert torch.equal(state, before)  # refused before anything moved
+    with pytest.raises(ValueError, match="count= .* is not supported with them"):
+        rule.step_(torch.ones(10), state[:-2].clone(), layout, torch.empty(10), params=torch.ones(10),
+                   count=torch.zeros(10))
     with pytest.raises(ValueError, match="state_dtype=torch.bfloat16: weights with scale_growth or relative_floor"):
         LSTMOptimizer([torch.nn.Parameter(torch.ones(3))], weights=rule, state_dtype=torch.bfloat16)
 

@@ -130,10 +130,9 @@ class InPlaceStep:
         if scale is None:
             raise ValueError("scale_growth and relative_floor need the flat parameters (params=θ_t, "
                              "apply_param_scale=True): s_0 is kept per coordinate")
-        if count is not None or state.dtype != self.dtype:
+        if count is not None or state.dtype != self.dtype:  # (count is refused by _state_views already)
             raise ValueError(f"scale_growth and relative_floor need the whole rule state in {self.dtype} (its "
-                             f"s_0 row is a factor of the step), got a {state.dtype} state"
-                             + (" with the step counts apart" if count is not None else ""))
+                             f"s_0 row is a factor of the step), got a {state.dtype} state")
         origin = self.scale_origin(state)
         origin.copy_(self.kept_origin(scale, origin))
         scale = self.floored_scale(scale, origin)
@@ -204,6 +203,9 @@ class InPlaceStep:
             return lstm, momentum, second_moment, rows[0] if rows else None, rows[1] if len(rows) > 1 else None
         if not cfg.bias_correction:
             raise ValueError("count holds the step counts of bias correction, which this rule does not use")
+        if cfg.origin_rows:
+            raise ValueError("scale_growth and relative_floor need the whole rule state in float32, its step "
+                             "counts included: count= (a lower-precision state's) is not supported with them")
         if state.dim() != 2 or state.shape[0] != cfg.state_rows - 1:
             raise ValueError(f"rule state held without its step count row must have shape "
                              f"({cfg.state_rows - 1}, N), got {tuple(state.shape)}")
