@@ -11,8 +11,8 @@ some of the suite's tasks (their steps and final-loss window, evaluation seeds):
 * ``as shipped``: the step is multiplied by RMS(θ_t) + ε_θ of each tensor at every step;
 * ``scale frozen at θ₀`` (an ablation, not an option of the package): each tensor's factor is
   taken once, at the first step, from θ₀, and kept;
-* ``scale floored at θ₀'s`` (another): each tensor's factor is max(s_t, s_0), so it follows θ up
-  but not down.
+* ``scale floored at θ₀'s``: the same weights with the package's ``relative_floor`` option, each
+  tensor's factor max(s_t, s_0), so it follows θ up but not down.
 
 ``--hand-step C`` (another ablation) replaces the learned step sizes by a constant: the step is
 −C·d on the β = 0.9 momentum direction d = m̂/√v̂ only, times the same factor, i.e. Adam with
@@ -41,6 +41,7 @@ from learned_optim import LSTMOptimizer, suite
 from learned_optim.benchmark import final_loss as benchmark_final_loss
 from learned_optim.benchmark import train
 from learned_optim.optim.lstm import DEFAULT_WEIGHTS
+from learned_optim.rules import LSTMGACConfig, LSTMGACRule, load_rule
 from learned_optim.tasks.synthetic import QuadraticFamily
 
 MODES = ("as shipped", "scale frozen at θ₀", "scale floored at θ₀'s")
@@ -62,19 +63,18 @@ def freeze_scales(optimizer: LSTMOptimizer) -> None:
     rule.tensor_param_scales = frozen  # type: ignore[method-assign]
 
 
-def floor_scales(optimizer: LSTMOptimizer) -> None:
-    """Make ``optimizer``'s factors never fall below their values at its first step: max(s_t, s_0)
-    per tensor (the ablation; growing tensors, as the nets' are, step as shipped)."""
-    rule = optimizer.rule
-    computed = rule.tensor_param_scales
-    first: dict[tuple[int, ...], list] = {}
-
-    def floored(params: Sequence[torch.Tensor]) -> list[torch.Tensor] | list[float]:
-        now = computed(params)
-        kept = first.setdefault(tuple(p.data_ptr() for p in params), list(now))
-        return [max(n, k) if isinstance(n, float) else torch.maximum(n, k) for n, k in zip(now, kept)]
-
-    rule.tensor_param_scales = floored  # type: ignore[method-assign]
+def optimizer_for(params: list[torch.Tensor], weights: str, mode: str) -> LSTMOptimizer:
+    """``LSTMOptimizer`` with ``weights`` in one of :data:`MODES` (floored: their config with
+    ``relative_floor``; frozen: the ablation :func:`freeze_scales`)."""
+    if mode == MODES[2]:
+        rule, _ = load_rule(weights, expected_rule="lstm-gac")
+        floored = LSTMGACRule(LSTMGACConfig(**{**rule.config.to_dict(), "relative_floor": True}))
+        floored.load_state_dict(rule.state_dict())  # the floor adds no tensor
+        return LSTMOptimizer(params, weights=floored)
+    optimizer = LSTMOptimizer(params, weights=weights)
+    if mode == MODES[1]:
+        freeze_scales(optimizer)
+    return optimizer
 
 
 def spikes(losses: torch.Tensor) -> int:
@@ -98,13 +98,9 @@ def run(task, steps: int, weights: str, mode: str, hand: float | None = None) ->
 
     def make(params: list[torch.Tensor]) -> LSTMOptimizer:
         made["params"], made["start"] = params, [p.detach().clone() for p in params]
-        optimizer = LSTMOptimizer(params, weights=weights)
+        optimizer = optimizer_for(params, weights, mode)
         if hand is not None:
             hand_step(optimizer, hand)
-        if mode == MODES[1]:
-            freeze_scales(optimizer)
-        elif mode == MODES[2]:
-            floor_scales(optimizer)
         return optimizer
 
     losses = train(task, make, steps)

@@ -1,17 +1,13 @@
-"""``relative_floor``: the relative step's factor max(s_t, s_0), by hand; the in-place step and the
-drop-in optimizer against the differentiable step and against the per-tensor ablation of
-``benchmarks/relative_scale.py``."""
+"""``relative_floor``: the relative step's factor max(s_t, s_0) against the plain relative step, by
+hand; the drop-in optimizer's in-place step against the differentiable step while the floor binds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from benchmark_scripts import load_script
 
 from learned_optim import LSTMOptimizer
 from learned_optim.rules import LSTMGACConfig, LSTMGACRule, load_rule
-
-relative_scale = load_script("relative_scale")
 
 
 def _floored(rule: LSTMGACRule) -> LSTMGACRule:
@@ -43,28 +39,33 @@ def test_the_floor_keeps_theta_zeros_factor_when_theta_shrinks_and_not_when_it_g
         assert float(state[-1, 0]) == pytest.approx(rms(start) + eps)  # s_0 kept from the first step
 
 
-def test_in_place_and_optimizer_steps_match_the_rule_and_the_ablation():
-    shipped, _ = load_rule("suite-relative-offset")
-    floored = _floored(shipped)
-    runs = {}
-    for name in ("option", "ablation"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
-        if name == "option":
-            opt = LSTMOptimizer(model.parameters(), weights=floored)
-        else:
-            opt = LSTMOptimizer(model.parameters(), weights=shipped)
-            relative_scale.floor_scales(opt)
-        x, y = torch.randn(32, 6), torch.randn(32, 1)
-        for _ in range(8):
-            opt.zero_grad()
-            ((model(x) - y) ** 2).mean().backward()
-            opt.step()
-            with torch.no_grad():  # shrink the last layer: its floor binds from here on
-                model[2].weight.mul_(0.7)
-        runs[name] = list(model.parameters())
-    for a, b in zip(runs["option"], runs["ablation"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+def test_optimizer_steps_match_the_differentiable_rule_while_the_floor_binds():
+    floored = _floored(load_rule("suite-relative-offset")[0])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    opt = LSTMOptimizer(params, weights=floored)
+    layout = floored.segments(sizes)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    state = floored.init_state(flat.numel())
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    bound = False
+    for _ in range(8):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        with torch.no_grad():
+            update, state = floored(grad, state, layout, params=flat)
+        opt.step()
+        flat = flat + update
+        torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), flat, rtol=1e-5, atol=1e-6)
+        scale = floored.param_scale(flat, layout)
+        bound = bound or bool((state[-1] > scale).any())  # the floor binds somewhere
+        with torch.no_grad():  # shrink the last layer (in both): its floor binds from here on
+            model[2].weight.mul_(0.7)
+            flat[-13:-1].mul_(0.7)
+    assert bound
 
 
 def test_the_floor_needs_the_relative_step():

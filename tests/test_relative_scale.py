@@ -71,9 +71,7 @@ def test_floored_scales_follow_theta_up_but_not_down():
         steps = {}
         for floored in (False, True):
             theta = torch.nn.Parameter(start.clone())
-            opt = LSTMOptimizer([theta])
-            if floored:
-                relative_scale.floor_scales(opt)
+            opt = relative_scale.optimizer_for([theta], "suite-relative-offset", relative_scale.MODES[2 if floored else 0])
             _step(theta, opt)
             with torch.no_grad():
                 theta.copy_(start * factor)
