@@ -68,6 +68,64 @@ def test_optimizer_steps_match_the_differentiable_rule_while_the_floor_binds():
     assert bound
 
 
+def _params() -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen) * scale)
+            for shape, scale in (((20, 6), 0.3), ((6,), 0.0), ((6, 3), 2.0))]
+
+
+def _run(opt: LSTMOptimizer, steps: int) -> None:
+    params = opt.param_groups[0]["params"]
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(50 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+        opt.step()
+
+
+def test_bfloat16_state_keeps_s0_rounded_after_the_count_and_converts_to_float32_and_back():
+    floored = _floored(load_rule("suite-relative-offset")[0])
+    params = _params()
+    eps = floored.config.relative_step
+    origins = [float(p.detach().square().mean().sqrt()) + eps for p in params]  # s_0 = RMS(θ₀) + ε_θ
+    half = LSTMOptimizer(params, weights=floored, state_dtype=torch.bfloat16)
+    _run(half, 3)
+    rows = floored.config.state_rows
+    for p, s0 in zip(params, origins):
+        rule_state = half.state[p]["rule_state"]
+        assert rule_state.dtype == torch.bfloat16 and rule_state.shape == (rows - 1, p.numel())
+        assert rule_state[-1].eq(torch.tensor(s0).bfloat16()).all()  # s_0, rounded once, kept
+        assert float(half.state[p]["step"]) == 3.0
+    full = LSTMOptimizer(params, weights=floored)
+    full.load_state_dict(half.state_dict())
+    for p in params:
+        rule_state, saved = full.state[p]["rule_state"], half.state[p]["rule_state"].float()
+        assert rule_state.dtype == torch.float32 and rule_state.shape[0] == rows
+        assert rule_state[-2].eq(3).all()  # the count row goes back before s_0's
+        torch.testing.assert_close(torch.cat((rule_state[:-2], rule_state[-1:])), saved, rtol=0, atol=0)
+    back = LSTMOptimizer(params, weights=floored, state_dtype=torch.bfloat16)
+    back.load_state_dict(full.state_dict())
+    _run(half, 2)
+    _run(back, 2)
+    for p in params:
+        assert torch.equal(back.state[p]["rule_state"], half.state[p]["rule_state"])
+        assert float(back.state[p]["step"]) == 5.0
+
+
+def test_bfloat16_state_with_the_floor_steps_as_float32_state_does():
+    """Same grads, 20 steps: the bfloat16 state's parameters stay within 2% of the float32 state's
+    movement (the step's inputs are rounded, its math is float32 and s_0 is rounded once)."""
+    floored = _floored(load_rule("suite-relative-offset")[0])
+    start = [p.detach().clone() for p in _params()]
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = _params()
+        _run(LSTMOptimizer(params, weights=floored, state_dtype=dtype), 20)
+        moved[dtype] = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(params, start)])
+    difference = (moved[torch.bfloat16] - moved[torch.float32]).norm() / moved[torch.float32].norm()
+    assert 0 < float(difference) < 0.02
+
+
 def test_the_floor_needs_the_relative_step():
     with pytest.raises(ValueError, match="relative_floor needs relative_step"):
         LSTMGACConfig(relative_floor=True)

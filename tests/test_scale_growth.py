@@ -131,7 +131,7 @@ def test_in_place_step_matches_the_differentiable_step():
     torch.testing.assert_close(state_in_place, state, rtol=1e-5, atol=1e-6)
 
 
-def test_growth_needs_the_relative_step_and_a_float32_state_of_flat_params():
+def test_growth_needs_the_relative_step_and_the_flat_params():
     with pytest.raises(ValueError, match="scale_growth needs relative_step"):
         LSTMGACConfig(scale_growth=True, **{**RELATIVE, "relative_step": None})
     rule = _growing()
@@ -141,11 +141,26 @@ def test_growth_needs_the_relative_step_and_a_float32_state_of_flat_params():
     with pytest.raises(ValueError, match="scale_growth and relative_floor need the flat parameters"):
         rule.step_(torch.ones(10), state, layout, torch.empty(10), apply_param_scale=False)
     assert torch.equal(state, before)  # refused before anything moved
-    with pytest.raises(ValueError, match="count= .* is not supported with them"):
-        rule.step_(torch.ones(10), state[:-2].clone(), layout, torch.empty(10), params=torch.ones(10),
-                   count=torch.zeros(10))
-    with pytest.raises(ValueError, match="state_dtype=torch.bfloat16: weights with scale_growth or relative_floor"):
-        LSTMOptimizer([torch.nn.Parameter(torch.ones(3))], weights=rule, state_dtype=torch.bfloat16)
+
+
+def test_growth_with_the_step_count_held_apart_is_the_same_step():
+    """count= (how a bfloat16 state holds t) with the s_0 row after it: the in-state arithmetic exactly."""
+    rule = _growing(seed=2)
+    rows, num = rule.config.state_rows, 12
+    layout = rule.segments([8, 4])
+    in_state, apart, count = rule.init_state(num), torch.zeros(rows - 1, num), torch.zeros(num)
+    out_a, out_b = torch.empty(num), torch.empty(num)
+    theta = torch.linspace(-1.0, 1.0, num)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        grad = torch.randn(num, generator=gen) * 0.1
+        params = theta * (1.5 ** step)  # growing, so g_t moves
+        rule.step_(grad, in_state, layout, out_a, params=params)
+        rule.step_(grad, apart, layout, out_b, params=params, count=count)
+        torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    t_row = rows - 2
+    torch.testing.assert_close(apart, torch.cat((in_state[:t_row], in_state[t_row + 1:])), rtol=0, atol=0)
+    assert count.eq(5).all() and in_state[t_row].eq(5).all()
 
 
 def test_optimizer_with_growth_steps_as_the_rule_and_its_state_dict_round_trips():

@@ -90,15 +90,12 @@ class LSTMOptimizer(LearnedRuleOptimizer):
     ) -> None:
         self._load(weights, seed, lambda s: LSTMGACRule(seed=s))
         self.state_dtype = check_state_dtype(state_dtype)
-        if self.rule.config.origin_rows and self.state_dtype != torch.float32:
-            raise ValueError(f"state_dtype={self.state_dtype}: weights with scale_growth or relative_floor keep "
-                             f"their state in float32 (its s_0 row is a factor of the step)")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, check_finite=check_finite,
                                       chunk_size=chunk_size, fused=fused))
 
     @property
     def _count_apart(self) -> bool:
-        """Whether the step counts t live in ``state[p]["step"]`` rather than in the rule state's last row."""
+        """Whether the step counts t live in ``state[p]["step"]`` rather than in the rule state's t row."""
         return self.rule.config.bias_correction and self.state_dtype != torch.float32
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -121,7 +118,9 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         super().load_state_dict(self._converted_layout(state_dict))
 
     def _converted_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        rows = self.rule.config.state_rows
+        cfg = self.rule.config
+        rows = cfg.state_rows
+        t_index = rows - 1 - cfg.origin_rows  # the count row, before s_0's (scale_growth, relative_floor)
         converted = {}
         for pid, entry in state_dict.get("state", {}).items():
             rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
@@ -130,11 +129,11 @@ class LSTMOptimizer(LearnedRuleOptimizer):
                 continue
             entry = dict(entry)
             if self._count_apart and rule_state.shape[0] == rows:  # t row → per-parameter step
-                entry["step"] = self._step_of_count_row(rule_state[-1])
-                entry["rule_state"] = rule_state[:-1]
+                entry["step"] = self._step_of_count_row(rule_state[t_index])
+                entry["rule_state"] = torch.cat((rule_state[:t_index], rule_state[t_index + 1:]))
             elif not self._count_apart and rule_state.shape[0] == rows - 1 and "step" in entry:  # and back
                 t = self._count_row_of_step(entry.pop("step"), rule_state)
-                entry["rule_state"] = torch.cat((rule_state.float(), t))
+                entry["rule_state"] = torch.cat((rule_state[:t_index].float(), t, rule_state[t_index:].float()))
             converted[pid] = entry
         return {**state_dict, "state": converted}
 

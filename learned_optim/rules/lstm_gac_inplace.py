@@ -75,7 +75,7 @@ class InPlaceStep:
         ``state`` may be stored in a lower precision (bfloat16): each chunk is then staged
         through float32 buffers, all math runs in float32 and the results are rounded once
         when stored. ``count`` (N,) float32, with bias correction, holds the step counts t
-        outside the state (which then lacks its last row): a bfloat16 row cannot count past
+        outside the state (which then lacks its t row): a bfloat16 row cannot count past
         256 (t + 1 rounds back to t there).
 
         ``fused`` runs the same step through the Triton kernels of
@@ -108,7 +108,7 @@ class InPlaceStep:
             else None
         growth = None
         if self.config.origin_rows:
-            scale, growth, extra = self._from_origin_(state, count, scale, extra)
+            scale, growth, extra = self._from_origin_(state, scale, extra)
         if fused:
             from ..kernels.lstm_gac import fused_step_
 
@@ -122,19 +122,17 @@ class InPlaceStep:
             out.mul_(scale)
         return top
 
-    def _from_origin_(self, state: Tensor, count: Tensor | None, scale: Tensor | None,
-                      extra: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``scale_growth``/``relative_floor``: keeps s_0 in the state's last row (set at the first step)
-        and returns the factor (floored with ``relative_floor``), g_t = log(s_t/s_0) (1, N) with
+    def _from_origin_(self, state: Tensor, scale: Tensor | None, extra: Tensor | None
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``scale_growth``/``relative_floor``: keeps s_0 in the state's last row (set at the first step,
+        in the state's dtype) and returns the factor (floored with ``relative_floor``), g_t = log(s_t/s_0) (1, N) with
         ``scale_growth`` (else None) and the LSTM's extra rows, g_t first (the input just before them)."""
         if scale is None:
             raise ValueError("scale_growth and relative_floor need the flat parameters (params=θ_t, "
                              "apply_param_scale=True): s_0 is kept per coordinate")
-        if count is not None or state.dtype != self.dtype:  # (count is refused by _state_views already)
-            raise ValueError(f"scale_growth and relative_floor need the whole rule state in {self.dtype} (its "
-                             f"s_0 row is a factor of the step), got a {state.dtype} state")
-        origin = self.scale_origin(state)
-        origin.copy_(self.kept_origin(scale, origin))
+        stored = self.scale_origin(state)
+        stored.copy_(self.kept_origin(scale, stored.to(self.dtype)))
+        origin = stored.to(self.dtype)  # s_0 as stored: rounded once in a lower-precision state, then kept
         scale = self.floored_scale(scale, origin)
         if not self.config.scale_growth:
             return scale, None, extra
@@ -203,16 +201,13 @@ class InPlaceStep:
             return lstm, momentum, second_moment, rows[0] if rows else None, rows[1] if len(rows) > 1 else None
         if not cfg.bias_correction:
             raise ValueError("count holds the step counts of bias correction, which this rule does not use")
-        if cfg.origin_rows:
-            raise ValueError("scale_growth and relative_floor need the whole rule state in float32, its step "
-                             "counts included: count= (a lower-precision state's) is not supported with them")
         if state.dim() != 2 or state.shape[0] != cfg.state_rows - 1:
             raise ValueError(f"rule state held without its step count row must have shape "
                              f"({cfg.state_rows - 1}, N), got {tuple(state.shape)}")
         if count.shape != (state.shape[1],) or count.dtype != self.dtype or count.device != state.device:
             raise ValueError(f"count must be a {self.dtype} tensor of shape ({state.shape[1]},) on {state.device}, "
                              f"got {count.dtype} {tuple(count.shape)} on {count.device}")
-        lstm, momentum, v = state.split((cfg.lstm_rows, len(cfg.momentum_decays), 1))
+        lstm, momentum, v, _ = state.split((cfg.lstm_rows, len(cfg.momentum_decays), 1, cfg.origin_rows))
         return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum, None, v[0], count
 
     def _signal_rows(self, stage: _Stage, momentum: Tensor, second_moment: Tensor | None, v_row: Tensor | None,
