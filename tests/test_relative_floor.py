@@ -83,26 +83,28 @@ def _run(opt: LSTMOptimizer, steps: int) -> None:
         opt.step()
 
 
-def test_bfloat16_state_keeps_s0_rounded_after_the_count_and_converts_to_float32_and_back():
+def test_optimizer_keeps_s0_per_tensor_and_its_state_converts_to_bfloat16_and_back():
+    """s_0 = RMS(θ₀) + ε_θ as one float32 scalar per tensor (no state row: the state's bytes per
+    parameter are the plain rule's), in either state_dtype, through state_dict conversions."""
     floored = _floored(load_rule("suite-relative-offset")[0])
     params = _params()
     eps = floored.config.relative_step
-    origins = [float(p.detach().square().mean().sqrt()) + eps for p in params]  # s_0 = RMS(θ₀) + ε_θ
+    origins = [float(p.detach().square().mean().sqrt()) + eps for p in params]
     half = LSTMOptimizer(params, weights=floored, state_dtype=torch.bfloat16)
     _run(half, 3)
-    rows = floored.config.state_rows
+    rows = floored.config.state_rows - 1  # without the s_0 row
     for p, s0 in zip(params, origins):
-        rule_state = half.state[p]["rule_state"]
-        assert rule_state.dtype == torch.bfloat16 and rule_state.shape == (rows - 1, p.numel())
-        assert rule_state[-1].eq(torch.tensor(s0).bfloat16()).all()  # s_0, rounded once, kept
-        assert float(half.state[p]["step"]) == 3.0
+        state = half.state[p]
+        assert state["rule_state"].dtype == torch.bfloat16 and state["rule_state"].shape == (rows - 1, p.numel())
+        assert state["scale_origin"].dtype == torch.float32 and float(state["scale_origin"]) == pytest.approx(s0)
+        assert float(state["step"]) == 3.0
     full = LSTMOptimizer(params, weights=floored)
     full.load_state_dict(half.state_dict())
     for p in params:
-        rule_state, saved = full.state[p]["rule_state"], half.state[p]["rule_state"].float()
-        assert rule_state.dtype == torch.float32 and rule_state.shape[0] == rows
-        assert rule_state[-2].eq(3).all()  # the count row goes back before s_0's
-        torch.testing.assert_close(torch.cat((rule_state[:-2], rule_state[-1:])), saved, rtol=0, atol=0)
+        rule_state = full.state[p]["rule_state"]
+        assert rule_state.dtype == torch.float32 and rule_state.shape[0] == rows and rule_state[-1].eq(3).all()
+        torch.testing.assert_close(rule_state[:-1], half.state[p]["rule_state"].float(), rtol=0, atol=0)
+        assert torch.equal(full.state[p]["scale_origin"], half.state[p]["scale_origin"])
     back = LSTMOptimizer(params, weights=floored, state_dtype=torch.bfloat16)
     back.load_state_dict(full.state_dict())
     _run(half, 2)

@@ -138,18 +138,21 @@ def test_growth_needs_the_relative_step_and_the_flat_params():
     layout = rule.segments([10])
     state = rule.init_state(10)
     before = state.clone()
-    with pytest.raises(ValueError, match="scale_growth and relative_floor need the flat parameters"):
+    with pytest.raises(ValueError, match="scale_growth needs the flat parameters"):
         rule.step_(torch.ones(10), state, layout, torch.empty(10), apply_param_scale=False)
     assert torch.equal(state, before)  # refused before anything moved
 
 
-def test_growth_with_the_step_count_held_apart_is_the_same_step():
-    """count= (how a bfloat16 state holds t) with the s_0 row after it: the in-state arithmetic exactly."""
+def test_growth_with_the_step_count_and_s0_held_apart_is_the_same_step():
+    """count= (how a bfloat16 state holds t) and origin= (how LSTMOptimizer holds s_0): the in-state
+    arithmetic exactly, with the s_0 row after the count's in the state."""
     rule = _growing(seed=2)
     rows, num = rule.config.state_rows, 12
     layout = rule.segments([8, 4])
-    in_state, apart, count = rule.init_state(num), torch.zeros(rows - 1, num), torch.zeros(num)
-    out_a, out_b = torch.empty(num), torch.empty(num)
+    in_state, count = rule.init_state(num), torch.zeros(num)
+    apart, both, count2, origin = torch.zeros(rows - 1, num), torch.zeros(rows - 2, num), torch.zeros(num), \
+        torch.zeros(num)
+    out_a, out_b, out_c = torch.empty(num), torch.empty(num), torch.empty(num)
     theta = torch.linspace(-1.0, 1.0, num)
     gen = torch.Generator().manual_seed(3)
     for step in range(5):
@@ -157,10 +160,16 @@ def test_growth_with_the_step_count_held_apart_is_the_same_step():
         params = theta * (1.5 ** step)  # growing, so g_t moves
         rule.step_(grad, in_state, layout, out_a, params=params)
         rule.step_(grad, apart, layout, out_b, params=params, count=count)
+        rule.step_(grad, both, layout, out_c, params=params, count=count2, origin=origin)
         torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+        torch.testing.assert_close(out_c, out_a, rtol=0, atol=0)
     t_row = rows - 2
     torch.testing.assert_close(apart, torch.cat((in_state[:t_row], in_state[t_row + 1:])), rtol=0, atol=0)
+    torch.testing.assert_close(both, in_state[:t_row], rtol=0, atol=0)
+    torch.testing.assert_close(origin, in_state[-1], rtol=0, atol=0)
     assert count.eq(5).all() and in_state[t_row].eq(5).all()
+    with pytest.raises(ValueError, match=r"rule state without its step counts \(count=\) and s_0"):
+        rule.step_(grad, apart, layout, out_c, params=params, count=count, origin=origin)
 
 
 def test_optimizer_with_growth_steps_as_the_rule_and_its_state_dict_round_trips():
@@ -188,4 +197,6 @@ def test_optimizer_with_growth_steps_as_the_rule_and_its_state_dict_round_trips(
     again.load_state_dict(saved)
     for p, q in zip(opt.param_groups[0]["params"], again.param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["rule_state"], again.state[q]["rule_state"])
-    assert float(opt.state[b]["rule_state"][-1, 0]) == pytest.approx(0.01)  # zero biases: s_0 = ε_θ
+    for p, q in zip(opt.param_groups[0]["params"], again.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["scale_origin"], again.state[q]["scale_origin"])
+    assert float(opt.state[b]["scale_origin"]) == pytest.approx(0.01)  # zero biases: s_0 = ε_θ

@@ -105,11 +105,11 @@ class LearnedRuleOptimizer(PackageOptimizer):
                     raise ValueError(f"fused=True: {reason}")
 
     @staticmethod
-    def _count_row(steps: list[Tensor], sizes: tuple[int, ...], device: torch.device) -> Tensor:
-        """The per-parameter step counts t (float32 scalars) spread over their coordinates: an
-        (N,) float32 row on ``device``, which the rule advances as scratch."""
-        counts = torch.stack(steps).to(device, torch.float32)
-        return torch.repeat_interleave(counts, torch.tensor(sizes, device=device), output_size=sum(sizes))
+    def _spread_row(scalars: list[Tensor], sizes: tuple[int, ...], device: torch.device) -> Tensor:
+        """Per-parameter float32 scalars (the step counts t, or LSTMOptimizer's s_0) spread over their
+        coordinates: an (N,) float32 row on ``device``, which the rule advances as scratch."""
+        values = torch.stack(scalars).to(device, torch.float32)
+        return torch.repeat_interleave(values, torch.tensor(sizes, device=device), output_size=sum(sizes))
 
     @staticmethod
     def _step_of_count_row(t_row: Tensor) -> Tensor:

@@ -107,10 +107,16 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         self._check_fused(group)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
-        rows = self.rule.config.state_rows - int(self._count_apart)
+        cfg = self.rule.config
+        rows = cfg.state_rows - int(self._count_apart) - cfg.origin_rows
         state["rule_state"] = torch.zeros(rows, param.numel(), dtype=self.state_dtype, device=param.device)
         if self._count_apart:
             state["step"] = torch.zeros((), dtype=torch.float32)
+        if cfg.origin_rows:  # s_0 of scale_growth/relative_floor, one per tensor: 0 until its first step
+            state["scale_origin"] = torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
+        return torch.float32 if key == "scale_origin" else super()._state_dtype(param, key)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by an optimizer with the same weights, in either ``state_dtype``
@@ -118,9 +124,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         super().load_state_dict(self._converted_layout(state_dict))
 
     def _converted_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.rule.config
-        rows = cfg.state_rows
-        t_index = rows - 1 - cfg.origin_rows  # the count row, before s_0's (scale_growth, relative_floor)
+        rows = self.rule.config.state_rows - self.rule.config.origin_rows  # s_0 is held per tensor
         converted = {}
         for pid, entry in state_dict.get("state", {}).items():
             rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
@@ -129,13 +133,28 @@ class LSTMOptimizer(LearnedRuleOptimizer):
                 continue
             entry = dict(entry)
             if self._count_apart and rule_state.shape[0] == rows:  # t row → per-parameter step
-                entry["step"] = self._step_of_count_row(rule_state[t_index])
-                entry["rule_state"] = torch.cat((rule_state[:t_index], rule_state[t_index + 1:]))
+                entry["step"] = self._step_of_count_row(rule_state[-1])
+                entry["rule_state"] = rule_state[:-1]
             elif not self._count_apart and rule_state.shape[0] == rows - 1 and "step" in entry:  # and back
                 t = self._count_row_of_step(entry.pop("step"), rule_state)
-                entry["rule_state"] = torch.cat((rule_state[:t_index].float(), t, rule_state[t_index:].float()))
+                entry["rule_state"] = torch.cat((rule_state.float(), t))
             converted[pid] = entry
         return {**state_dict, "state": converted}
+
+    @staticmethod
+    def _gather_origins(origins: list[Tensor], origin_row: Tensor, sizes: tuple[int, ...]) -> None:
+        """Each tensor's s_0 back from the flat row the rule set (from its first coordinate; a shard
+        with none of a tensor's coordinates keeps its 0)."""
+        if not origin_row.numel():
+            return
+        starts, start = [], 0
+        for size in sizes:
+            starts.append(start)
+            start += size
+        values = origin_row[torch.tensor(starts, device=origin_row.device).clamp_max(max(start - 1, 0))]
+        for origin, value, size in zip(origins, values.unbind(), sizes):
+            if size:
+                origin.copy_(value)
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         # Sharded params (FSDP2 DTensors) arrive as this rank's shards; the GAC averages are
@@ -152,16 +171,23 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             flat_grad, update = self._flat_grad((id(group), device), [grads[i] for i in indices], rule.dtype)
             chunk = group["chunk_size"] or default_chunk(device)
             steps = [states[i]["step"] for i in indices] if self._count_apart else []
-            count = self._count_row(steps, sizes, device) if steps else None
+            count = self._spread_row(steps, sizes, device) if steps else None
             targets = [params[i] for i in indices]
+            origins = [states[i]["scale_origin"] for i in indices] if rule.config.origin_rows else []
             # θ_t, for a parameter-relative step: per tensor, unless sharded (then flat, its scopes all-reduced)
-            # (and flat with scale_growth or relative_floor, whose s_0 the rule keeps per coordinate)
-            per_tensor = rule.needs_params and process_group is None and not rule.config.origin_rows
+            # or with scale_growth (whose g_t is an input per coordinate)
+            per_tensor = rule.needs_params and process_group is None and not rule.config.scale_growth
             scales = rule.tensor_param_scales(targets) if per_tensor else None  # step() runs under no_grad
+            if scales is not None and origins:  # relative_floor: max(s_t, s_0) per tensor
+                scales = rule.floored_tensor_scales(scales, origins)
             flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
                 if rule.needs_params and not per_tensor else None
+            origin_row = self._spread_row(origins, sizes, device) if origins and not per_tensor else None
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
-                       fused=use_fused(group["fused"], device), params=flat_params, apply_param_scale=not per_tensor)
+                       fused=use_fused(group["fused"], device), params=flat_params, apply_param_scale=not per_tensor,
+                       origin=origin_row)
+            if origin_row is not None:  # s_0 as set at a first step: every coordinate of a tensor holds its own
+                self._gather_origins(origins, origin_row, sizes)
             if steps:
                 torch._foreach_add_(steps, 1.0)
             pieces = [u.view(p.shape) for u, p in zip(update.split(sizes), targets)]

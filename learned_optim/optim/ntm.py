@@ -212,7 +212,7 @@ class NTMBFGS(LearnedRuleOptimizer):
         if memory is None:
             _, memory = rule.init_state(flat_grad.numel(), device=device, segments=layout)
         steps = [state["step"] for state in states] if self._count_apart else []
-        count = self._count_row(steps, sizes, device) if steps else None
+        count = self._spread_row(steps, sizes, device) if steps else None
         new_memory = rule.step_(flat_grad, (coords, memory), layout, update, chunk=default_chunk(device),
                                fused=use_fused(group["fused"], device), carried=carried, count=count)
         if steps:

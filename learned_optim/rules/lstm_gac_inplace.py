@@ -50,7 +50,6 @@ class InPlaceStep:
         def floored_scale(self, scale: Tensor, origin: Tensor) -> Tensor: ...
         def scale_growth(self, scale: Tensor, origin: Tensor) -> Tensor: ...
         def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor: ...
-        def split_state(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
         def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
                     in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]: ...
         def output(self, top: Tensor, momentum: Tensor, second_moment: Tensor,
@@ -60,7 +59,7 @@ class InPlaceStep:
     def step_(self, grad: Tensor, state: Tensor, segments: Segments, out: Tensor,
               extra: Tensor | None = None, chunk: int = STEP_CHUNK, sigmoid_tanh: bool = True,
               fused: bool = False, count: Tensor | None = None, params: Tensor | None = None,
-              apply_param_scale: bool = True) -> Tensor:
+              apply_param_scale: bool = True, origin: Tensor | None = None) -> Tensor:
         """:meth:`step` in place, for the drop-in optimizers (not differentiable): advances
         ``state`` (R, N), writes g_t into ``out`` (N,) and returns the top layer's output (H, N)
         (a view of the state).
@@ -86,14 +85,26 @@ class InPlaceStep:
         ``params`` (N,): the flat θ_t, for a rule with ``relative_step`` (``out`` is then
         multiplied by :meth:`param_scale`). With ``apply_param_scale=False`` ``out`` is left
         unscaled and ``params`` is not needed: the caller multiplies each tensor's piece by
-        :meth:`tensor_param_scales` itself, without a flat copy of θ.
+        :meth:`tensor_param_scales` itself (floored by :meth:`floored_tensor_scales` with
+        ``relative_floor``, whose s_0 the caller then keeps: the state lacks its s_0 row), without
+        a flat copy of θ. ``origin`` (N,) float32 holds s_0 (``scale_growth``, ``relative_floor``)
+        outside the state, which then lacks its s_0 row; it is set where it is 0 (the first step).
         """
+        cfg = self.config
         self._check_extra(extra)
         if apply_param_scale:
             self._check_params(params, grad)
-        lstm, momentum, second_moment, v_row, t_row = self._state_views(state, count)
+        elif cfg.scale_growth:
+            raise ValueError("scale_growth needs the flat parameters (params=θ_t, apply_param_scale=True): "
+                             "g_t is an input per coordinate")
+        if origin is not None and not (cfg.origin_rows and apply_param_scale):
+            raise ValueError("origin holds s_0 of scale_growth or relative_floor, applied with the step's factor "
+                             "(apply_param_scale=True); this step keeps none")
+        origin_in_state = bool(cfg.origin_rows) and apply_param_scale and origin is None
+        lstm, momentum, second_moment, v_row, t_row = self._state_views(state, count, origin_in_state)
         num = state.shape[1]
-        vectors = {"grad": grad, "out": out, **({"params": params} if params is not None else {})}
+        vectors = {"grad": grad, "out": out, **({"params": params} if params is not None else {}),
+                   **({"origin": origin} if origin is not None else {})}
         for name, t in vectors.items():
             if tuple(t.shape) != (num,) or t.dtype != self.dtype or t.device != state.device:
                 raise ValueError(f"{name} must be a {self.dtype} tensor of shape {(num,)} on {state.device}, "
@@ -107,8 +118,9 @@ class InPlaceStep:
         scale = self.param_scale(params, segments) if apply_param_scale and params is not None and self.needs_params \
             else None
         growth = None
-        if self.config.origin_rows:
-            scale, growth, extra = self._from_origin_(state, scale, extra)
+        if scale is not None and cfg.origin_rows:
+            stored = self.scale_origin(state) if origin is None else origin.unsqueeze(0)
+            scale, growth, extra = self._from_origin_(stored, scale, extra)
         if fused:
             from ..kernels.lstm_gac import fused_step_
 
@@ -122,15 +134,12 @@ class InPlaceStep:
             out.mul_(scale)
         return top
 
-    def _from_origin_(self, state: Tensor, scale: Tensor | None, extra: Tensor | None
+    def _from_origin_(self, stored: Tensor, scale: Tensor, extra: Tensor | None
                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``scale_growth``/``relative_floor``: keeps s_0 in the state's last row (set at the first step,
-        in the state's dtype) and returns the factor (floored with ``relative_floor``), g_t = log(s_t/s_0) (1, N) with
-        ``scale_growth`` (else None) and the LSTM's extra rows, g_t first (the input just before them)."""
-        if scale is None:
-            raise ValueError("scale_growth and relative_floor need the flat parameters (params=θ_t, "
-                             "apply_param_scale=True): s_0 is kept per coordinate")
-        stored = self.scale_origin(state)
+        """``scale_growth``/``relative_floor``: keeps s_0 in ``stored`` (1, N), the state's last row or the
+        caller's, set at the first step in its dtype, and returns the factor s_t (N,) (floored with
+        ``relative_floor``), g_t = log(s_t/s_0) (1, N) with ``scale_growth`` (else None) and the LSTM's
+        extra rows, g_t first (the input just before them)."""
         stored.copy_(self.kept_origin(scale, stored.to(self.dtype)))
         origin = stored.to(self.dtype)  # s_0 as stored: rounded once in a lower-precision state, then kept
         scale = self.floored_scale(scale, origin)
@@ -184,31 +193,40 @@ class InPlaceStep:
             self.output(stage.load("h", top[:, start:stop]), m, sm, out=out[start:stop])
         return top
 
-    def _state_views(self, state: Tensor, count: Tensor | None
+    def _state_views(self, state: Tensor, count: Tensor | None, origin_in_state: bool
                      ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """The in-place step's views of a state: LSTM h and c (L, 2, H, N), the momentum sums
         (M, N), the normalization rows (rms_rows, N) when they lie in the state (None when the
-        step count is held apart in ``count``), and v and t as (N,) rows (None where absent)."""
+        step count is held apart in ``count``), and v and t as (N,) rows (None where absent).
+        The state ends with the s_0 row only where ``origin_in_state``."""
         cfg = self.config
         if not state.is_floating_point():
             raise ValueError(f"rule state must be floating point, got {state.dtype}")
-        if count is None:
-            if cfg.bias_correction and state.dtype != self.dtype:
-                raise ValueError(f"a bias-corrected rule state in {state.dtype} needs its step counts apart, in "
-                                 f"count= ({self.dtype}): a {state.dtype} row cannot count steps exactly")
-            lstm, momentum, second_moment = self.split_state(state)
-            rows = second_moment.unbind(0)
-            return lstm, momentum, second_moment, rows[0] if rows else None, rows[1] if len(rows) > 1 else None
-        if not cfg.bias_correction:
+        if count is None and cfg.bias_correction and state.dtype != self.dtype:
+            raise ValueError(f"a bias-corrected rule state in {state.dtype} needs its step counts apart, in "
+                             f"count= ({self.dtype}): a {state.dtype} row cannot count steps exactly")
+        if count is not None and not cfg.bias_correction:
             raise ValueError("count holds the step counts of bias correction, which this rule does not use")
-        if state.dim() != 2 or state.shape[0] != cfg.state_rows - 1:
-            raise ValueError(f"rule state held without its step count row must have shape "
-                             f"({cfg.state_rows - 1}, N), got {tuple(state.shape)}")
-        if count.shape != (state.shape[1],) or count.dtype != self.dtype or count.device != state.device:
-            raise ValueError(f"count must be a {self.dtype} tensor of shape ({state.shape[1]},) on {state.device}, "
+        origin_rows = cfg.origin_rows if origin_in_state else 0
+        norm_rows = cfg.rms_rows - int(count is not None)
+        rows = cfg.lstm_rows + len(cfg.momentum_decays) + norm_rows + origin_rows
+        if state.dim() != 2 or state.shape[0] != rows:
+            apart = [what for what, away in (("its step counts (count=)", count is not None),
+                                             ("s_0 (held by the caller)", cfg.origin_rows and not origin_in_state))
+                     if away]
+            raise ValueError(f"rule state{' without ' + ' and '.join(apart) if apart else ''} must have shape "
+                             f"({rows}, N), got {tuple(state.shape)}")
+        num = state.shape[1]
+        if count is not None and (count.shape != (num,) or count.dtype != self.dtype or count.device != state.device):
+            raise ValueError(f"count must be a {self.dtype} tensor of shape ({num},) on {state.device}, "
                              f"got {count.dtype} {tuple(count.shape)} on {count.device}")
-        lstm, momentum, v, _ = state.split((cfg.lstm_rows, len(cfg.momentum_decays), 1, cfg.origin_rows))
-        return lstm.view(cfg.num_layers, 2, cfg.hidden_size, state.shape[1]), momentum, None, v[0], count
+        lstm, momentum, normalization, _ = state.split((cfg.lstm_rows, len(cfg.momentum_decays), norm_rows,
+                                                        origin_rows))
+        norm = normalization.unbind(0)
+        v_row = norm[0] if norm else None
+        t_row = count if count is not None else (norm[1] if len(norm) > 1 else None)
+        second_moment = normalization if count is None else None
+        return lstm.view(cfg.num_layers, 2, cfg.hidden_size, num), momentum, second_moment, v_row, t_row
 
     def _signal_rows(self, stage: _Stage, momentum: Tensor, second_moment: Tensor | None, v_row: Tensor | None,
                      t_row: Tensor | None, start: int, stop: int) -> tuple[Tensor, Tensor]:
