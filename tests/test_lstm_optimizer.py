@@ -53,9 +53,12 @@ def test_the_step_is_the_rules_differentiable_step_by_hand_even_when_some_grads_
         for i, u, s in zip(present, update.split(sizes), new_state.split(sizes, dim=1)):
             reference[i] += 0.5 * u.view(params[i].shape)
             states[i] = s
+    rows = rule.config.drop_in_rows  # the default's relative_floor keeps s_0 (the rule's last row) per tensor
     for p, r, s in zip(params, reference, states):
         torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(opt.state[p]["rule_state"], s, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(opt.state[p]["rule_state"], s[:rows], rtol=1e-5, atol=1e-5)
+        if rule.config.origin_rows:
+            torch.testing.assert_close(opt.state[p]["scale_origin"], s[-1, :1], rtol=1e-6, atol=0)  # per tensor vs flat RMS
 
 
 def test_group_states_are_views_of_one_buffer_kept_across_steps():
@@ -69,7 +72,7 @@ def test_group_states_are_views_of_one_buffer_kept_across_steps():
             first = storages
     assert storages == first  # packed once, then stepped in place
     assert [tuple(opt.state[p]["rule_state"].shape) for p in params] == \
-        [(opt.rule.config.state_rows, p.numel()) for p in params]
+        [(opt.rule.config.drop_in_rows, p.numel()) for p in params]
 
 
 def test_a_loaded_state_is_stepped_without_touching_the_optimizer_it_came_from():

@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-relative-offset"
+    assert DEFAULT_WEIGHTS == "suite-relative-floor"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative-offset", "ntm-bfgs-k3-short")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative-floor", "ntm-bfgs-k3-short")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -92,24 +92,26 @@ def test_suite_steps_is_suite_decay_with_only_the_step_sizes_meta_trained():
 
 
 def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization():
-    """suite-relative-offset (the LSTMOptimizer default) multiplies its step by RMS(θ) + ε_θ per tensor
-    (ε_θ = 0.01), and its inputs are normalized per coordinate. So with every tensor rescaled,
-    θ_k → c_k·θ_k, and its gradients ∇_k → ∇_k/c_k (the same function, reparametrized), the
-    learned direction does not change and tensor k's step is the original's times
-    (RMS(c_k·θ_k) + ε_θ)/(RMS(θ_k) + ε_θ), at every step of a run, by hand from the params."""
+    """suite-relative-floor (the LSTMOptimizer default) multiplies its step by s = max(RMS(θ_t), RMS(θ_0))
+    + ε_θ per tensor (ε_θ = 0.01; relative_floor), and its inputs are normalized per coordinate. So with
+    every tensor rescaled, θ_k → c_k·θ_k, and its gradients ∇_k → ∇_k/c_k (the same function,
+    reparametrized), the learned direction does not change and tensor k's step is the original's
+    times s(c_k·θ_k)/s(θ_k), at every step of a run, by hand from the params."""
     import torch
 
     from learned_optim import LSTMOptimizer, available_weights
 
-    assert available_weights()[DEFAULT_WEIGHTS]["config"]["relative_step"] == 0.01
+    config = available_weights()[DEFAULT_WEIGHTS]["config"]
+    assert config["relative_step"] == 0.01 and config["relative_floor"] is True
     gen = torch.Generator().manual_seed(0)
     shapes, factors = [(8, 5), (8,), (3, 8)], [0.01, 1.0, 30.0]
     plain = [torch.randn(shape, generator=gen) for shape in shapes]
     scaled = [t * c for t, c in zip(plain, factors)]
     opts = [LSTMOptimizer(plain), LSTMOptimizer(scaled)]
+    rms_0 = {id(p): p.square().mean().sqrt() for p in plain + scaled}
 
     def scale(params):
-        return [p.square().mean().sqrt() + 0.01 for p in params]
+        return [torch.maximum(p.square().mean().sqrt(), rms_0[id(p)]) + 0.01 for p in params]
 
     for _ in range(5):
         for p, q, c in zip(plain, scaled, factors):
@@ -123,6 +125,22 @@ def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization(
             step_plain, step_scaled = plain[k] - before[0][k], scaled[k] - before[1][k]
             assert step_plain.abs().min() > 0
             torch.testing.assert_close(step_scaled, step_plain * ratio, rtol=1e-4, atol=0)
+
+
+def test_suite_relative_floor_is_suite_relative_offset_with_the_floor_alone():
+    """suite-relative-floor (the LSTMOptimizer default) is suite-relative-offset's tensors (the hash the
+    loader checks) with one config field changed, relative_floor, set by benchmarks/set_config.py."""
+    from learned_optim import available_weights
+    from learned_optim.rules import LSTMGACConfig
+
+    weights = available_weights()
+    mine, theirs = weights["suite-relative-floor"], weights["suite-relative-offset"]
+    assert mine["tensors_sha256"] == theirs["tensors_sha256"]
+    floored, source = (LSTMGACConfig(**w["config"]) for w in (mine, theirs))  # (options added since: defaults)
+    assert (floored.relative_floor, source.relative_floor) == (True, False)
+    assert dict(floored.to_dict(), relative_floor=None) == dict(source.to_dict(), relative_floor=None)
+    assert theirs["command"] in mine["command"]  # the source's whole chain, then:
+    assert "python benchmarks/set_config.py --weights suite-relative-offset --set relative_floor=true" in mine["command"]
 
 
 def test_suite_steps_t500_is_suite_steps_with_the_decay_from_step_500():

@@ -92,7 +92,7 @@ def test_optimizer_keeps_s0_per_tensor_and_its_state_converts_to_bfloat16_and_ba
     origins = [float(p.detach().square().mean().sqrt()) + eps for p in params]
     half = LSTMOptimizer(params, weights=floored, state_dtype=torch.bfloat16)
     _run(half, 3)
-    rows = floored.config.state_rows - 1  # without the s_0 row
+    rows = floored.config.drop_in_rows  # without the s_0 row
     for p, s0 in zip(params, origins):
         state = half.state[p]
         assert state["rule_state"].dtype == torch.bfloat16 and state["rule_state"].shape == (rows - 1, p.numel())

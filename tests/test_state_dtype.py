@@ -30,7 +30,7 @@ def test_bfloat16_state_halves_the_bytes_and_counts_steps_per_parameter():
     params = _params()
     opt = LSTMOptimizer(params, state_dtype=torch.bfloat16)
     _run(opt, 5, skip_matrix_at=2)
-    rows = opt.rule.config.state_rows
+    rows = opt.rule.config.drop_in_rows  # without s_0 (relative_floor), kept per tensor
     state = opt.state[params[0]]
     assert state["rule_state"].dtype == torch.bfloat16 and state["rule_state"].shape == (rows - 1, 1200)
     assert [float(opt.state[p]["step"]) for p in params] == [4.0, 5.0, 5.0]  # the matrix missed a step

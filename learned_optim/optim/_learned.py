@@ -105,10 +105,10 @@ class LearnedRuleOptimizer(PackageOptimizer):
                     raise ValueError(f"fused=True: {reason}")
 
     @staticmethod
-    def _spread_row(scalars: list[Tensor], sizes: tuple[int, ...], device: torch.device) -> Tensor:
-        """Per-parameter float32 scalars (the step counts t, or LSTMOptimizer's s_0) spread over their
-        coordinates: an (N,) float32 row on ``device``, which the rule advances as scratch."""
-        values = torch.stack(scalars).to(device, torch.float32)
+    def _spread_row(scalars: list[Tensor] | Tensor, sizes: tuple[int, ...], device: torch.device) -> Tensor:
+        """Per-parameter float32 scalars (the step counts t, or LSTMOptimizer's s_0, already one vector)
+        spread over their coordinates: an (N,) float32 row on ``device``, which the rule advances as scratch."""
+        values = (scalars if isinstance(scalars, Tensor) else torch.stack(scalars)).to(device, torch.float32)
         return torch.repeat_interleave(values, torch.tensor(sizes, device=device), output_size=sum(sizes))
 
     @staticmethod

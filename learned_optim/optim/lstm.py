@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -29,12 +29,13 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype, rule_fingerprint
 
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
-#: The shipped weights LSTMOptimizer loads when none are named: "suite-relative-offset", whose step
-#: is relative to each tensor's RMS (relative_step ε_θ = 0.01, Celo's), meta-trained from a fresh
-#: rule on the suite's families, the paper's MNIST MLP and quadratics: "suite-relative" (the default
-#: before it) and one more run with the quadratics' log meta-loss floored at 0.01 (their
-#: loss_offset). "suite-steps-t500" (the default before those) steps in the parameters' units.
-DEFAULT_WEIGHTS = "suite-relative-offset"
+#: The shipped weights LSTMOptimizer loads when none are named: "suite-relative-floor", the tensors of
+#: "suite-relative-offset" (the default before it) with relative_floor: the step is relative to each
+#: tensor's RMS (relative_step ε_θ = 0.01, Celo's), a factor that follows the RMS up but never falls
+#: below its value at the first step. Those tensors were meta-trained from a fresh rule on the suite's
+#: families, the paper's MNIST MLP and quadratics ("suite-relative", then one more run with the
+#: quadratics' log meta-loss floored at 0.01). "suite-steps-t500" steps in the parameters' units.
+DEFAULT_WEIGHTS = "suite-relative-floor"
 
 
 @register(
@@ -108,12 +109,12 @@ class LSTMOptimizer(LearnedRuleOptimizer):
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict) -> None:
         cfg = self.rule.config
-        rows = cfg.state_rows - int(self._count_apart) - cfg.origin_rows
+        rows = cfg.drop_in_rows - int(self._count_apart)
         state["rule_state"] = torch.zeros(rows, param.numel(), dtype=self.state_dtype, device=param.device)
         if self._count_apart:
             state["step"] = torch.zeros((), dtype=torch.float32)
         if cfg.origin_rows:  # s_0 of scale_growth/relative_floor, one per tensor: 0 until its first step
-            state["scale_origin"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["scale_origin"] = torch.zeros(1, dtype=torch.float32, device=param.device)
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
         return torch.float32 if key == "scale_origin" else super()._state_dtype(param, key)
@@ -124,7 +125,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         super().load_state_dict(self._converted_layout(state_dict))
 
     def _converted_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        rows = self.rule.config.state_rows - self.rule.config.origin_rows  # s_0 is held per tensor
+        rows = self.rule.config.drop_in_rows
         converted = {}
         for pid, entry in state_dict.get("state", {}).items():
             rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
@@ -142,19 +143,13 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         return {**state_dict, "state": converted}
 
     @staticmethod
-    def _gather_origins(origins: list[Tensor], origin_row: Tensor, sizes: tuple[int, ...]) -> None:
-        """Each tensor's s_0 back from the flat row the rule set (from its first coordinate; a shard
-        with none of a tensor's coordinates keeps its 0)."""
-        if not origin_row.numel():
-            return
-        starts, start = [], 0
-        for size in sizes:
-            starts.append(start)
-            start += size
-        values = origin_row[torch.tensor(starts, device=origin_row.device).clamp_max(max(start - 1, 0))]
-        for origin, value, size in zip(origins, values.unbind(), sizes):
-            if size:
-                origin.copy_(value)
+    def _gather_origins(origins: Tensor, origin_row: Tensor, sizes: tuple[int, ...]) -> None:
+        """Each tensor's s_0 (n,) back from the flat row (N,) the rule set, from the tensor's first
+        coordinate (a shard with none of a tensor's coordinates keeps its 0)."""
+        counts = torch.tensor(sizes, device=origin_row.device)
+        starts = (torch.cumsum(counts, 0) - counts).clamp_max(max(origin_row.numel() - 1, 0))
+        if origin_row.numel():
+            origins.copy_(torch.where(counts > 0, origin_row[starts], origins))
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         # Sharded params (FSDP2 DTensors) arrive as this rank's shards; the GAC averages are
@@ -173,21 +168,23 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             steps = [states[i]["step"] for i in indices] if self._count_apart else []
             count = self._spread_row(steps, sizes, device) if steps else None
             targets = [params[i] for i in indices]
-            origins = [states[i]["scale_origin"] for i in indices] if rule.config.origin_rows else []
+            # s_0 per tensor (scale_growth, relative_floor): one (n,) buffer whose elements the states view
+            origins = self._packed_state((id(group), device, "scale_origin"), [states[i] for i in indices],
+                                         "scale_origin") if rule.config.origin_rows else None
             # θ_t, for a parameter-relative step: per tensor, unless sharded (then flat, its scopes all-reduced)
             # or with scale_growth (whose g_t is an input per coordinate)
             per_tensor = rule.needs_params and process_group is None and not rule.config.scale_growth
             scales = rule.tensor_param_scales(targets) if per_tensor else None  # step() runs under no_grad
-            if scales is not None and origins:  # relative_floor: max(s_t, s_0) per tensor
+            if scales is not None and origins is not None:  # relative_floor: max(s_t, s_0) per tensor
                 scales = rule.floored_tensor_scales(scales, origins)
             flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
                 if rule.needs_params and not per_tensor else None
-            origin_row = self._spread_row(origins, sizes, device) if origins and not per_tensor else None
+            origin_row = self._spread_row(origins, sizes, device) if origins is not None and not per_tensor else None
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
                        fused=use_fused(group["fused"], device), params=flat_params, apply_param_scale=not per_tensor,
                        origin=origin_row)
             if origin_row is not None:  # s_0 as set at a first step: every coordinate of a tensor holds its own
-                self._gather_origins(origins, origin_row, sizes)
+                self._gather_origins(cast(Tensor, origins), origin_row, sizes)
             if steps:
                 torch._foreach_add_(steps, 1.0)
             pieces = [u.view(p.shape) for u, p in zip(update.split(sizes), targets)]

@@ -386,22 +386,21 @@ class LSTMGACRule(InPlaceStep, nn.Module):
             scales = self._tensor_scales = TensorScales(cfg.relative_step, per_tensor)  # (made for this config)
         return scales(params)
 
-    def floored_tensor_scales(self, scales: list[Tensor] | list[float], origins: Sequence[Tensor]
-                              ) -> list[Tensor] | list[float]:
-        """``relative_floor`` on :meth:`tensor_param_scales`' factors s_t, one per tensor, with each
-        tensor's s_0 kept by the caller in ``origins`` (0-d float32, 0 before the first step, set
-        here): :meth:`kept_origin` and :meth:`floored_scale` over the tensors, in the same form."""
+    def floored_tensor_scales(self, scales: list[Tensor] | list[float], origins: Tensor) -> list[Tensor] | list[float]:
+        """``relative_floor`` on :meth:`tensor_param_scales`' factors s_t, one per tensor, with the
+        tensors' s_0 kept by the caller in ``origins`` (n,) float32 (0 before a tensor's first step,
+        set here): :meth:`kept_origin` and :meth:`floored_scale` over the tensors, in the same form."""
         if not self.config.relative_floor:
             raise ValueError("this rule has no relative_floor")
-        if len(scales) != len(origins):
-            raise ValueError(f"{len(scales)} factors for {len(origins)} kept origins")
+        if origins.shape != (len(scales),) or origins.dtype != self.dtype:
+            raise ValueError(f"origins must be a {self.dtype} tensor of shape ({len(scales)},), one per factor, "
+                             f"got {origins.dtype} {tuple(origins.shape)}")
         if not scales:
             return scales
         floats = isinstance(scales[0], float)
         current = torch.tensor(scales, dtype=self.dtype) if floats else torch.stack(cast(list[Tensor], scales))
-        kept = self.kept_origin(current, torch.stack([o.to(current) for o in origins]).unsqueeze(0))
-        for origin, value in zip(origins, kept[0]):
-            origin.copy_(value)
+        kept = self.kept_origin(current, origins.unsqueeze(0).to(current.device))
+        origins.copy_(kept[0])
         floored = self.floored_scale(current, kept)
         return floored.tolist() if floats else list(floored.unbind())
 

@@ -236,6 +236,12 @@ class LSTMGACConfig:
         normalized, t if bias-corrected, and s_0 with ``scale_growth`` or ``relative_floor``."""
         return self.lstm_rows + len(self.momentum_decays) + self.rms_rows + self.origin_rows
 
+    @property
+    def drop_in_rows(self) -> int:
+        """Rows per coordinate of a float32 ``LSTMOptimizer`` state: :attr:`state_rows` without s_0's,
+        which the drop-in optimizer keeps as one number per tensor."""
+        return self.state_rows - self.origin_rows
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSTMGACConfig:
         reject_unknown_fields(cls, data)

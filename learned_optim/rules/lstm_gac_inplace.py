@@ -193,7 +193,7 @@ class InPlaceStep:
             self.output(stage.load("h", top[:, start:stop]), m, sm, out=out[start:stop])
         return top
 
-    def _state_views(self, state: Tensor, count: Tensor | None, origin_in_state: bool
+    def _state_views(self, state: Tensor, count: Tensor | None, origin_in_state: bool = True
                      ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """The in-place step's views of a state: LSTM h and c (L, 2, H, N), the momentum sums
         (M, N), the normalization rows (rms_rows, N) when they lie in the state (None when the
