@@ -34,8 +34,10 @@ from learned_optim.tasks import get_family
 #: ``momentum_rms_decay`` (β₂ of v) changes the normalization the inputs and directions share, not
 #: the tensors: like the others, a fixed option scored before it replaces anything.
 #: ``relative_floor`` (the relative step's factor never below θ₀'s) adds s_0 to the state (a row of the
-#: meta-trainer's, one number per tensor in LSTMOptimizer), not a tensor or an input.
-SETTABLE = ("direction_clip", "step_decay_after", "momentum_rms_decay", "relative_floor", "trust_ratio",
+#: meta-trainer's, one number per tensor in LSTMOptimizer), not a tensor or an input; ``shrink_discount``
+#: (its growth past a shrink counted at the shrink's ratio) adds m_t the same way.
+SETTABLE = ("direction_clip", "step_decay_after", "momentum_rms_decay", "relative_floor", "shrink_discount",
+            "trust_ratio",
             "reset_on_backtrack", "memory", "memory_capacity", "bfgs_write_bases", "curvature_eps")
 
 

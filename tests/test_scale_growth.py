@@ -151,7 +151,7 @@ def test_growth_with_the_step_count_and_s0_held_apart_is_the_same_step():
     layout = rule.segments([8, 4])
     in_state, count = rule.init_state(num), torch.zeros(num)
     apart, both, count2, origin = torch.zeros(rows - 1, num), torch.zeros(rows - 2, num), torch.zeros(num), \
-        torch.zeros(num)
+        torch.zeros(1, num)
     out_a, out_b, out_c = torch.empty(num), torch.empty(num), torch.empty(num)
     theta = torch.linspace(-1.0, 1.0, num)
     gen = torch.Generator().manual_seed(3)
@@ -166,7 +166,7 @@ def test_growth_with_the_step_count_and_s0_held_apart_is_the_same_step():
     t_row = rows - 2
     torch.testing.assert_close(apart, torch.cat((in_state[:t_row], in_state[t_row + 1:])), rtol=0, atol=0)
     torch.testing.assert_close(both, in_state[:t_row], rtol=0, atol=0)
-    torch.testing.assert_close(origin, in_state[-1], rtol=0, atol=0)
+    torch.testing.assert_close(origin, in_state[-1:], rtol=0, atol=0)
     assert count.eq(5).all() and in_state[t_row].eq(5).all()
     with pytest.raises(ValueError, match=r"rule state without its step counts \(count=\) and s_0"):
         rule.step_(grad, apart, layout, out_c, params=params, count=count, origin=origin)

@@ -106,10 +106,11 @@ class LearnedRuleOptimizer(PackageOptimizer):
 
     @staticmethod
     def _spread_row(scalars: list[Tensor] | Tensor, sizes: tuple[int, ...], device: torch.device) -> Tensor:
-        """Per-parameter float32 scalars (the step counts t, or LSTMOptimizer's s_0, already one vector)
-        spread over their coordinates: an (N,) float32 row on ``device``, which the rule advances as scratch."""
+        """Per-parameter float32 scalars (the step counts t, or LSTMOptimizer's s_0 rows (R, n), already a
+        tensor) spread over their coordinates: an (N,) float32 row (or (R, N) rows) on ``device``, which the
+        rule advances as scratch."""
         values = (scalars if isinstance(scalars, Tensor) else torch.stack(scalars)).to(device, torch.float32)
-        return torch.repeat_interleave(values, torch.tensor(sizes, device=device), output_size=sum(sizes))
+        return torch.repeat_interleave(values, torch.tensor(sizes, device=device), dim=-1, output_size=sum(sizes))
 
     @staticmethod
     def _step_of_count_row(t_row: Tensor) -> Tensor:

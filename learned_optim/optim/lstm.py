@@ -113,8 +113,8 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         state["rule_state"] = torch.zeros(rows, param.numel(), dtype=self.state_dtype, device=param.device)
         if self._count_apart:
             state["step"] = torch.zeros((), dtype=torch.float32)
-        if cfg.origin_rows:  # s_0 of scale_growth/relative_floor, one per tensor: 0 until its first step
-            state["scale_origin"] = torch.zeros(1, dtype=torch.float32, device=param.device)
+        if cfg.origin_rows:  # s_0 of scale_growth/relative_floor (then m_t), per tensor: 0 until its first step
+            state["scale_origin"] = torch.zeros(cfg.origin_rows, dtype=torch.float32, device=param.device)
 
     def _state_dtype(self, param: Tensor, key: str) -> torch.dtype:
         return torch.float32 if key == "scale_origin" else super()._state_dtype(param, key)
@@ -125,10 +125,17 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         super().load_state_dict(self._converted_layout(state_dict))
 
     def _converted_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        rows = self.rule.config.drop_in_rows
+        rows, origin_rows = self.rule.config.drop_in_rows, self.rule.config.origin_rows
         converted = {}
         for pid, entry in state_dict.get("state", {}).items():
             rule_state = entry.get("rule_state") if isinstance(entry, dict) else None
+            if rule_state is not None:
+                origin = entry.get("scale_origin")
+                held = 0 if origin is None else origin.numel()
+                if held != origin_rows:
+                    raise ValueError(f"state of parameter {pid} holds {held} scale origin value(s) (scale_origin), "
+                                     f"this optimizer's rule keeps {origin_rows} per tensor (s_0 with relative_floor or "
+                                     "scale_growth, m_t with shrink_discount): it was saved with another config")
             if rule_state is None or not self.rule.config.bias_correction:
                 converted[pid] = entry
                 continue
@@ -143,13 +150,13 @@ class LSTMOptimizer(LearnedRuleOptimizer):
         return {**state_dict, "state": converted}
 
     @staticmethod
-    def _gather_origins(origins: Tensor, origin_row: Tensor, sizes: tuple[int, ...]) -> None:
-        """Each tensor's s_0 (n,) back from the flat row (N,) the rule set, from the tensor's first
-        coordinate (a shard with none of a tensor's coordinates keeps its 0)."""
-        counts = torch.tensor(sizes, device=origin_row.device)
-        starts = (torch.cumsum(counts, 0) - counts).clamp_max(max(origin_row.numel() - 1, 0))
-        if origin_row.numel():
-            origins.copy_(torch.where(counts > 0, origin_row[starts], origins))
+    def _gather_origins(origins: Tensor, origin_rows: Tensor, sizes: tuple[int, ...]) -> None:
+        """Each tensor's s_0 (and m_t) (R, n) back from the flat rows (R, N) the rule set, from the
+        tensor's first coordinate (a shard with none of a tensor's coordinates keeps its 0)."""
+        counts = torch.tensor(sizes, device=origin_rows.device)
+        starts = (torch.cumsum(counts, 0) - counts).clamp_max(max(origin_rows.shape[-1] - 1, 0))
+        if origin_rows.shape[-1]:
+            origins.copy_(torch.where(counts > 0, origin_rows[:, starts], origins))
 
     def _update_group(self, group, params, grads, states, originals) -> None:
         # Sharded params (FSDP2 DTensors) arrive as this rank's shards; the GAC averages are
@@ -168,14 +175,15 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             steps = [states[i]["step"] for i in indices] if self._count_apart else []
             count = self._spread_row(steps, sizes, device) if steps else None
             targets = [params[i] for i in indices]
-            # s_0 per tensor (scale_growth, relative_floor): one (n,) buffer whose elements the states view
+            # s_0 (then m_t) per tensor (scale_growth, relative_floor): one buffer whose elements the states
+            # view, tensor by tensor; as (R, n), a row per kept number
             origins = self._packed_state((id(group), device, "scale_origin"), [states[i] for i in indices],
-                                         "scale_origin") if rule.config.origin_rows else None
+                                         "scale_origin").view(len(indices), -1).t() if rule.config.origin_rows else None
             # θ_t, for a parameter-relative step: per tensor, unless sharded (then flat, its scopes all-reduced)
             # or with scale_growth (whose g_t is an input per coordinate)
             per_tensor = rule.needs_params and process_group is None and not rule.config.scale_growth
             scales = rule.tensor_param_scales(targets) if per_tensor else None  # step() runs under no_grad
-            if scales is not None and origins is not None:  # relative_floor: max(s_t, s_0) per tensor
+            if scales is not None and origins is not None:  # relative_floor: max(s_t, s_0) per tensor (or discounted)
                 scales = rule.floored_tensor_scales(scales, origins)
             flat_params = torch.cat([p.detach().reshape(-1) for p in targets]).to(rule.dtype) \
                 if rule.needs_params and not per_tensor else None
@@ -183,7 +191,7 @@ class LSTMOptimizer(LearnedRuleOptimizer):
             rule.step_(flat_grad, rule_state, layout, update, chunk=chunk, count=count,
                        fused=use_fused(group["fused"], device), params=flat_params, apply_param_scale=not per_tensor,
                        origin=origin_row)
-            if origin_row is not None:  # s_0 as set at a first step: every coordinate of a tensor holds its own
+            if origin_row is not None:  # s_0 (m_t) as the rule set them: every coordinate of a tensor holds its own
                 self._gather_origins(cast(Tensor, origins), origin_row, sizes)
             if steps:
                 torch._foreach_add_(steps, 1.0)

@@ -73,7 +73,10 @@ at s_0 the shipped default's learned steps end 2× lower on the paper's quadrati
 on the nets. g_t lets the rule tell them apart, and it chooses how much of the growth its step follows: the
 factor becomes s_t·exp((α_t − 1)·g_t) = s_0·(s_t/s_0)^α_t, α_t = 1 + tanh(wᵀh + b) ∈ (0, 2) per coordinate from
 the top layer (w = b = 0: α = 1, the plain relative step exactly). Invariant to θ → cθ per tensor (up to ε_θ).
-With ``relative_floor`` the factor is max(s_t, s_0) (the same s_0 row): it follows θ up, not down.
+With ``relative_floor`` the factor is max(s_t, s_0) (the same s_0 row): it follows θ up, not down. With
+``shrink_discount`` too, max(s_0, s_t·m_t/s_0), m_t the lowest factor so far (one more row): a tensor that first
+shrank (a quadratic's θ on its way to a solution) counts its later growth at the shrink's ratio m_t/s_0 ≤ 1,
+while one whose RMS only grows (a net's weights) steps as with the floor alone.
 
 The rule is functional: ``rule(grad, state, segments) -> (update, new_state)``. The drop-in
 :class:`~learned_optim.LSTMOptimizer` calls it under ``no_grad``; the meta-trainer calls it
@@ -243,21 +246,32 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         return update, new_state, top
 
     def scale_origin(self, state: Tensor) -> Tensor:
-        """The state's s_0 row (1, N) (``scale_growth``, ``relative_floor``): the step factor at the first
-        step, 0 before it."""
-        if not self.config.origin_rows:
+        """The state's origin rows (origin_rows, N) (``scale_growth``, ``relative_floor``): s_0, the step
+        factor at the first step, then with ``shrink_discount`` m_t, the lowest factor so far; 0 before it."""
+        rows = self.config.origin_rows
+        if not rows:
             raise ValueError("this rule keeps no scale origin (scale_growth and relative_floor are off)")
-        return state[-1:]
+        return state[-rows:]
 
-    @staticmethod
-    def kept_origin(scale: Tensor, origin: Tensor) -> Tensor:
-        """s_0 (1, n) from the factors s_t (n,) and the kept s_0 (1, n): s_t where none is kept yet (0;
-        every factor is at least ε_θ > 0)."""
-        return torch.where(origin > 0, origin, scale.unsqueeze(0))
+    def kept_origin(self, scale: Tensor, origin: Tensor) -> Tensor:
+        """The origin rows (origin_rows, n) after this step, from the factors s_t (n,) and the kept rows
+        (origin_rows, n): s_t where none is kept yet (0; every factor is at least ε_θ > 0), and with
+        ``shrink_discount`` m_t = min(m_{t−1}, s_t)."""
+        kept = torch.where(origin > 0, origin, scale.unsqueeze(0))
+        if self.config.shrink_discount:
+            kept = torch.cat((kept[:1], torch.minimum(kept[1:], scale.unsqueeze(0))))
+        return kept
 
     def floored_scale(self, scale: Tensor, origin: Tensor) -> Tensor:
-        """max(s_t, s_0) (n,) with ``relative_floor``, else s_t as it is."""
-        return torch.maximum(scale, origin.squeeze(0)) if self.config.relative_floor else scale
+        """The factor (n,) from s_t (n,) and the origin rows: max(s_t, s_0) with ``relative_floor``,
+        max(s_t·m_t/s_0, s_0) with ``shrink_discount`` too, else s_t as it is."""
+        cfg = self.config
+        if not cfg.relative_floor:
+            return scale
+        start = origin[0]
+        if cfg.shrink_discount:
+            scale = scale * (origin[1] / start)
+        return torch.maximum(scale, start)
 
     def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor:
         """The step factor (n,) with ``scale_growth``: s_t·exp((α − 1)·g_t) = s_0·(s_t/s_0)^α, the learned
@@ -266,8 +280,9 @@ class LSTMGACRule(InPlaceStep, nn.Module):
         return scale * torch.exp(exponent * growth).squeeze(0)
 
     def scale_growth(self, scale: Tensor, origin: Tensor) -> Tensor:
-        """g_t = log(s_t/s_0) (1, n), clamped to ±GROWTH_BOUND, from the factors s_t (n,) and s_0 (1, n)."""
-        return torch.log(scale.unsqueeze(0) / origin).clamp(-GROWTH_BOUND, GROWTH_BOUND)
+        """g_t = log(s_t/s_0) (1, n), clamped to ±GROWTH_BOUND, from the factors s_t (n,) and the origin
+        rows (s_0 first)."""
+        return torch.log(scale.unsqueeze(0) / origin[:1]).clamp(-GROWTH_BOUND, GROWTH_BOUND)
 
     def signals(self, grad: Tensor, momentum: Tensor, second_moment: Tensor, extra: Tensor | None = None,
                 in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -388,19 +403,21 @@ class LSTMGACRule(InPlaceStep, nn.Module):
 
     def floored_tensor_scales(self, scales: list[Tensor] | list[float], origins: Tensor) -> list[Tensor] | list[float]:
         """``relative_floor`` on :meth:`tensor_param_scales`' factors s_t, one per tensor, with the
-        tensors' s_0 kept by the caller in ``origins`` (n,) float32 (0 before a tensor's first step,
-        set here): :meth:`kept_origin` and :meth:`floored_scale` over the tensors, in the same form."""
-        if not self.config.relative_floor:
+        tensors' origin rows kept by the caller in ``origins`` (origin_rows, n) float32 (s_0, then m_t with
+        ``shrink_discount``; 0 before a tensor's first step, set here): :meth:`kept_origin` and
+        :meth:`floored_scale` over the tensors, in the same form."""
+        cfg = self.config
+        if not cfg.relative_floor:
             raise ValueError("this rule has no relative_floor")
-        if origins.shape != (len(scales),) or origins.dtype != self.dtype:
-            raise ValueError(f"origins must be a {self.dtype} tensor of shape ({len(scales)},), one per factor, "
-                             f"got {origins.dtype} {tuple(origins.shape)}")
+        if origins.shape != (cfg.origin_rows, len(scales)) or origins.dtype != self.dtype:
+            raise ValueError(f"origins must be a {self.dtype} tensor of shape ({cfg.origin_rows}, {len(scales)}), "
+                             f"its rows per factor, got {origins.dtype} {tuple(origins.shape)}")
         if not scales:
             return scales
         floats = isinstance(scales[0], float)
         current = torch.tensor(scales, dtype=self.dtype) if floats else torch.stack(cast(list[Tensor], scales))
-        kept = self.kept_origin(current, origins.unsqueeze(0).to(current.device))
-        origins.copy_(kept[0])
+        kept = self.kept_origin(current, origins.to(current.device))
+        origins.copy_(kept)
         floored = self.floored_scale(current, kept)
         return floored.tolist() if floats else list(floored.unbind())
 

@@ -99,6 +99,11 @@ class LSTMGACConfig:
     relative_floor: bool = False  # the relative step's factor never falls below its value at the first step:
     # max(s_t, s_0) per scope (s_0 in the same state row as scale_growth's). Growing tensors (the nets' weights)
     # step as without it; a tensor that shrinks keeps θ₀'s step size, as Adam keeps its lr. Needs relative_step
+    shrink_discount: bool = False  # with relative_floor, the factor is max(s_0, s_t·m_t/s_0), m_t = min_{τ≤t} s_τ the
+    # lowest factor so far (one more state row): growth past a shrink counts at the shrink's ratio m_t/s_0. A tensor
+    # whose RMS only grows (a net's weights, whose step should grow with them) steps as with the floor alone; one that
+    # first shrank (pulled toward a solution whose scale is the problem's, as a quadratic's θ) and regrows keeps a
+    # step nearer θ₀'s. Continuous: a 2% shrink discounts later growth by 2%. Needs relative_floor
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
@@ -162,6 +167,10 @@ class LSTMGACConfig:
             raise ValueError(f"relative_floor must be True or False, got {self.relative_floor!r}")
         if self.relative_floor and self.relative_step is None:
             raise ValueError("relative_floor needs relative_step (it floors that step's factor RMS(θ) + ε_θ)")
+        if not isinstance(self.shrink_discount, bool):
+            raise ValueError(f"shrink_discount must be True or False, got {self.shrink_discount!r}")
+        if self.shrink_discount and not self.relative_floor:
+            raise ValueError("shrink_discount needs relative_floor (it discounts the floored factor's growth)")
         if self.bias_correction and beta2 is None:
             raise ValueError("bias_correction needs momentum_rms_decay (it corrects the normalized directions)")
         if self.input_features not in INPUT_FEATURES:
@@ -227,19 +236,20 @@ class LSTMGACConfig:
     @property
     def origin_rows(self) -> int:
         """Rows of the rule state after the normalization rows: s_0, the step factor at the first step
-        (``scale_growth`` or ``relative_floor``; 0 until that step)."""
-        return int(self.scale_growth or self.relative_floor)
+        (``scale_growth`` or ``relative_floor``; 0 until that step), then m_t, the lowest factor so far
+        (``shrink_discount``)."""
+        return int(self.scale_growth or self.relative_floor) + int(self.shrink_discount)
 
     @property
     def state_rows(self) -> int:
         """Rows of the rule state per coordinate: LSTM h and c, one per momentum sum, then v if
-        normalized, t if bias-corrected, and s_0 with ``scale_growth`` or ``relative_floor``."""
+        normalized, t if bias-corrected, s_0 with ``scale_growth`` or ``relative_floor``, m_t with ``shrink_discount``."""
         return self.lstm_rows + len(self.momentum_decays) + self.rms_rows + self.origin_rows
 
     @property
     def drop_in_rows(self) -> int:
-        """Rows per coordinate of a float32 ``LSTMOptimizer`` state: :attr:`state_rows` without s_0's,
-        which the drop-in optimizer keeps as one number per tensor."""
+        """Rows per coordinate of a float32 ``LSTMOptimizer`` state: :attr:`state_rows` without s_0's (and
+        m_t's), which the drop-in optimizer keeps as numbers per tensor."""
         return self.state_rows - self.origin_rows
 
     @classmethod

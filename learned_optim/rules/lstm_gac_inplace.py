@@ -45,8 +45,7 @@ class InPlaceStep:
         def _check_params(self, params: Tensor | None, grad: Tensor) -> None: ...
         def param_scale(self, params: Tensor, segments: Segments) -> Tensor: ...
         def scale_origin(self, state: Tensor) -> Tensor: ...
-        @staticmethod
-        def kept_origin(scale: Tensor, origin: Tensor) -> Tensor: ...
+        def kept_origin(self, scale: Tensor, origin: Tensor) -> Tensor: ...
         def floored_scale(self, scale: Tensor, origin: Tensor) -> Tensor: ...
         def scale_growth(self, scale: Tensor, origin: Tensor) -> Tensor: ...
         def grown_scale(self, scale: Tensor, growth: Tensor, top: Tensor) -> Tensor: ...
@@ -87,8 +86,9 @@ class InPlaceStep:
         unscaled and ``params`` is not needed: the caller multiplies each tensor's piece by
         :meth:`tensor_param_scales` itself (floored by :meth:`floored_tensor_scales` with
         ``relative_floor``, whose s_0 the caller then keeps: the state lacks its s_0 row), without
-        a flat copy of θ. ``origin`` (N,) float32 holds s_0 (``scale_growth``, ``relative_floor``)
-        outside the state, which then lacks its s_0 row; it is set where it is 0 (the first step).
+        a flat copy of θ. ``origin`` (origin_rows, N) float32 holds s_0 (``scale_growth``, ``relative_floor``)
+        and m_t (``shrink_discount``) outside the state, which then lacks those rows; they are set where 0
+        (the first step).
         """
         cfg = self.config
         self._check_extra(extra)
@@ -98,16 +98,17 @@ class InPlaceStep:
             raise ValueError("scale_growth needs the flat parameters (params=θ_t, apply_param_scale=True): "
                              "g_t is an input per coordinate")
         if origin is not None and not (cfg.origin_rows and apply_param_scale):
-            raise ValueError("origin holds s_0 of scale_growth or relative_floor, applied with the step's factor "
+            raise ValueError("origin holds s_0 (and m_t) of scale_growth or relative_floor, applied with the step's factor "
                              "(apply_param_scale=True); this step keeps none")
         origin_in_state = bool(cfg.origin_rows) and apply_param_scale and origin is None
         lstm, momentum, second_moment, v_row, t_row = self._state_views(state, count, origin_in_state)
         num = state.shape[1]
-        vectors = {"grad": grad, "out": out, **({"params": params} if params is not None else {}),
-                   **({"origin": origin} if origin is not None else {})}
-        for name, t in vectors.items():
-            if tuple(t.shape) != (num,) or t.dtype != self.dtype or t.device != state.device:
-                raise ValueError(f"{name} must be a {self.dtype} tensor of shape {(num,)} on {state.device}, "
+        vectors = {"grad": (grad, (num,)), "out": (out, (num,)),
+                   **({"params": (params, (num,))} if params is not None else {}),
+                   **({"origin": (origin, (cfg.origin_rows, num))} if origin is not None else {})}
+        for name, (t, shape) in vectors.items():
+            if tuple(t.shape) != shape or t.dtype != self.dtype or t.device != state.device:
+                raise ValueError(f"{name} must be a {self.dtype} tensor of shape {shape} on {state.device}, "
                                  f"got {t.dtype} {tuple(t.shape)} on {t.device}")
         if segments.size != num:
             raise ValueError(f"segments cover {segments.size} coordinates, the state {num}")
@@ -119,7 +120,7 @@ class InPlaceStep:
             else None
         growth = None
         if scale is not None and cfg.origin_rows:
-            stored = self.scale_origin(state) if origin is None else origin.unsqueeze(0)
+            stored = self.scale_origin(state) if origin is None else origin
             scale, growth, extra = self._from_origin_(stored, scale, extra)
         if fused:
             from ..kernels.lstm_gac import fused_step_
@@ -136,8 +137,8 @@ class InPlaceStep:
 
     def _from_origin_(self, stored: Tensor, scale: Tensor, extra: Tensor | None
                       ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``scale_growth``/``relative_floor``: keeps s_0 in ``stored`` (1, N), the state's last row or the
-        caller's, set at the first step in its dtype, and returns the factor s_t (N,) (floored with
+        """``scale_growth``/``relative_floor``: keeps s_0 (and m_t) in ``stored`` (origin_rows, N), the state's
+        last rows or the caller's, set at the first step in its dtype, and returns the factor s_t (N,) (floored with
         ``relative_floor``), g_t = log(s_t/s_0) (1, N) with ``scale_growth`` (else None) and the LSTM's
         extra rows, g_t first (the input just before them)."""
         stored.copy_(self.kept_origin(scale, stored.to(self.dtype)))
