@@ -12,7 +12,9 @@ some of the suite's tasks (their steps and final-loss window, evaluation seeds):
 * ``scale frozen at θ₀`` (an ablation, not an option of the package): each tensor's factor is
   taken once, at the first step, from θ₀, and kept;
 * ``scale floored at θ₀'s``: the same weights with the package's ``relative_floor`` option, each
-  tensor's factor max(s_t, s_0), so it follows θ up but not down.
+  tensor's factor max(s_t, s_0), so it follows θ up but not down;
+* ``floored, shrink-discounted``: with ``shrink_discount`` too, max(s_0, s_t·m_t/s_0), m_t the lowest
+  factor so far: growth after a shrink counts at the shrink's ratio.
 
 ``--hand-step C`` (another ablation) replaces the learned step sizes by a constant: the step is
 −C·d on the β = 0.9 momentum direction d = m̂/√v̂ only, times the same factor, i.e. Adam with
@@ -44,7 +46,7 @@ from learned_optim.optim.lstm import DEFAULT_WEIGHTS
 from learned_optim.rules import LSTMGACConfig, LSTMGACRule, load_rule
 from learned_optim.tasks.synthetic import QuadraticFamily
 
-MODES = ("as shipped", "scale frozen at θ₀", "scale floored at θ₀'s")
+MODES = ("as shipped", "scale frozen at θ₀", "scale floored at θ₀'s", "floored, shrink-discounted")
 SPIKE_FACTOR = 10.0  # a spike: a loss above this many times the lowest loss so far
 
 
@@ -65,11 +67,12 @@ def freeze_scales(optimizer: LSTMOptimizer) -> None:
 
 def optimizer_for(params: list[torch.Tensor], weights: str, mode: str) -> LSTMOptimizer:
     """``LSTMOptimizer`` with ``weights`` in one of :data:`MODES` (floored: their config with
-    ``relative_floor``; frozen: the ablation :func:`freeze_scales`)."""
-    if mode == MODES[2]:
+    ``relative_floor``, and ``shrink_discount`` as said; frozen: the ablation :func:`freeze_scales`)."""
+    if mode in MODES[2:]:
         rule, _ = load_rule(weights, expected_rule="lstm-gac")
-        floored = LSTMGACRule(LSTMGACConfig(**{**rule.config.to_dict(), "relative_floor": True}))
-        floored.load_state_dict(rule.state_dict())  # the floor adds no tensor
+        floored = LSTMGACRule(LSTMGACConfig(**{**rule.config.to_dict(), "relative_floor": True,
+                                               "shrink_discount": mode == MODES[3]}))
+        floored.load_state_dict(rule.state_dict())  # the floor and the discount add no tensor
         return LSTMOptimizer(params, weights=floored)
     optimizer = LSTMOptimizer(params, weights=weights)
     if mode == MODES[1]:

@@ -19,7 +19,7 @@ SGD_LRS = (0.1, 0.316, 1.0, 3.16)  # around SGD's tuned lr on this task
 
 @needs_mnist
 def test_default_weights_train_the_base_net_on_held_out_images_well_below_tuned_sgd():
-    assert DEFAULT_WEIGHTS == "suite-relative-floor"
+    assert DEFAULT_WEIGHTS == "suite-relative-discount"
     family = get_family("mnist-mlp", root=mnist_root(), part="held-out")  # images never meta-trained on
     default = OptimizerSpec("lstm-gac", lambda params, lr, task: LSTMOptimizer(params))
     learned = quantile([final_loss(run_seed(family, default, 1.0, seed, STEPS)) for seed in SEEDS], 0.5)
@@ -40,7 +40,7 @@ def test_default_weights_train_a_held_out_transformer_below_adam_at_its_default_
     import learned_optim
     from learned_optim.optim.ntm import NTM_DEFAULT_WEIGHTS
 
-    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative-floor", "ntm-bfgs-k3-short")
+    assert (DEFAULT_WEIGHTS, NTM_DEFAULT_WEIGHTS) == ("suite-relative-discount", "ntm-bfgs-k3-short")
     learned = getattr(learned_optim, optimizer)
     family = get_family("text-transformer", part="held-out")
     finals = {}
@@ -92,8 +92,9 @@ def test_suite_steps_is_suite_decay_with_only_the_step_sizes_meta_trained():
 
 
 def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization():
-    """suite-relative-floor (the LSTMOptimizer default) multiplies its step by s = max(RMS(θ_t), RMS(θ_0))
-    + ε_θ per tensor (ε_θ = 0.01; relative_floor), and its inputs are normalized per coordinate. So with
+    """suite-relative-discount (the LSTMOptimizer default) multiplies its step by s = max(s_0, s_t·m_t/s_0) per
+    tensor, s_t = RMS(θ_t) + ε_θ (ε_θ = 0.01), m_t the lowest s so far (relative_floor, shrink_discount), and
+    its inputs are normalized per coordinate. So with
     every tensor rescaled, θ_k → c_k·θ_k, and its gradients ∇_k → ∇_k/c_k (the same function,
     reparametrized), the learned direction does not change and tensor k's step is the original's
     times s(c_k·θ_k)/s(θ_k), at every step of a run, by hand from the params."""
@@ -102,16 +103,22 @@ def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization(
     from learned_optim import LSTMOptimizer, available_weights
 
     config = available_weights()[DEFAULT_WEIGHTS]["config"]
-    assert config["relative_step"] == 0.01 and config["relative_floor"] is True
+    assert config["relative_step"] == 0.01 and config["relative_floor"] is True and config["shrink_discount"] is True
     gen = torch.Generator().manual_seed(0)
     shapes, factors = [(8, 5), (8,), (3, 8)], [0.01, 1.0, 30.0]
     plain = [torch.randn(shape, generator=gen) for shape in shapes]
     scaled = [t * c for t, c in zip(plain, factors)]
     opts = [LSTMOptimizer(plain), LSTMOptimizer(scaled)]
-    rms_0 = {id(p): p.square().mean().sqrt() for p in plain + scaled}
+    start = {id(p): p.square().mean().sqrt() + 0.01 for p in plain + scaled}  # s_0
+    lowest = dict(start)  # m_t
 
     def scale(params):
-        return [torch.maximum(p.square().mean().sqrt(), rms_0[id(p)]) + 0.01 for p in params]
+        factors = []
+        for p in params:
+            s_t = p.square().mean().sqrt() + 0.01
+            lowest[id(p)] = torch.minimum(lowest[id(p)], s_t)
+            factors.append(torch.maximum(start[id(p)], s_t * lowest[id(p)] / start[id(p)]))
+        return factors
 
     for _ in range(5):
         for p, q, c in zip(plain, scaled, factors):
@@ -127,8 +134,24 @@ def test_the_default_steps_relative_to_each_tensor_whatever_its_parametrization(
             torch.testing.assert_close(step_scaled, step_plain * ratio, rtol=1e-4, atol=0)
 
 
+def test_suite_relative_discount_is_suite_relative_floor_with_the_discount_alone():
+    """suite-relative-discount (the LSTMOptimizer default) is suite-relative-floor's tensors (the hash the
+    loader checks) with one config field changed, shrink_discount, set by benchmarks/set_config.py."""
+    from learned_optim import available_weights
+    from learned_optim.rules import LSTMGACConfig
+
+    weights = available_weights()
+    mine, theirs = weights["suite-relative-discount"], weights["suite-relative-floor"]
+    assert mine["tensors_sha256"] == theirs["tensors_sha256"]
+    discounted, source = (LSTMGACConfig(**w["config"]) for w in (mine, theirs))
+    assert (discounted.shrink_discount, source.shrink_discount) == (True, False)
+    assert dict(discounted.to_dict(), shrink_discount=None) == dict(source.to_dict(), shrink_discount=None)
+    assert theirs["command"] in mine["command"]  # the source's whole chain, then:
+    assert "python benchmarks/set_config.py --weights suite-relative-floor --set shrink_discount=true" in mine["command"]
+
+
 def test_suite_relative_floor_is_suite_relative_offset_with_the_floor_alone():
-    """suite-relative-floor (the LSTMOptimizer default) is suite-relative-offset's tensors (the hash the
+    """suite-relative-floor (the LSTMOptimizer default before suite-relative-discount) is suite-relative-offset's tensors (the hash the
     loader checks) with one config field changed, relative_floor, set by benchmarks/set_config.py."""
     from learned_optim import available_weights
     from learned_optim.rules import LSTMGACConfig

@@ -80,3 +80,11 @@ def test_floored_scales_follow_theta_up_but_not_down():
         rms_start = float(start.square().mean().sqrt())
         expected = steps[False] * (max(rms_now, rms_start) + eps) / (rms_now + eps)
         torch.testing.assert_close(steps[True], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_floored_modes_set_the_floor_and_the_discount_as_named():
+    theta = torch.nn.Parameter(torch.ones(3))
+    floored, discounted = (relative_scale.optimizer_for([theta], "suite-relative-offset", mode).rule.config
+                           for mode in relative_scale.MODES[2:])
+    assert floored.relative_floor and not floored.shrink_discount
+    assert discounted.relative_floor and discounted.shrink_discount

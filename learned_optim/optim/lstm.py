@@ -29,13 +29,14 @@ from ._learned import LearnedRuleOptimizer, check_state_dtype, rule_fingerprint
 
 __all__ = ["LSTMOptimizer", "DEFAULT_WEIGHTS", "rule_fingerprint"]
 
-#: The shipped weights LSTMOptimizer loads when none are named: "suite-relative-floor", the tensors of
-#: "suite-relative-offset" (the default before it) with relative_floor: the step is relative to each
-#: tensor's RMS (relative_step ε_θ = 0.01, Celo's), a factor that follows the RMS up but never falls
-#: below its value at the first step. Those tensors were meta-trained from a fresh rule on the suite's
-#: families, the paper's MNIST MLP and quadratics ("suite-relative", then one more run with the
-#: quadratics' log meta-loss floored at 0.01). "suite-steps-t500" steps in the parameters' units.
-DEFAULT_WEIGHTS = "suite-relative-floor"
+#: The shipped weights LSTMOptimizer loads when none are named: "suite-relative-discount", the tensors of
+#: "suite-relative-offset" with relative_floor and shrink_discount: the step is relative to each tensor's
+#: RMS (relative_step ε_θ = 0.01, Celo's), a factor that follows the RMS up but never falls below its value
+#: at the first step ("suite-relative-floor", the default before it), and whose growth after a shrink counts
+#: at the shrink's ratio. Those tensors were meta-trained from a fresh rule on the suite's families, the
+#: paper's MNIST MLP and quadratics ("suite-relative", then one more run with the quadratics' log meta-loss
+#: floored at 0.01). "suite-steps-t500" steps in the parameters' units.
+DEFAULT_WEIGHTS = "suite-relative-discount"
 
 
 @register(

@@ -42,7 +42,7 @@ __all__ = ["NTMBFGS", "NTM_DEFAULT_WEIGHTS"]
 #: The shipped weights NTMBFGS loads when none are named: "ntm-bfgs-k3-short", which has
 #: "ntm-bfgs-k3"'s config (the controller's β₂ = 0.985; the limited memory keeps only the latest
 #: step's three write pairs, K = 3) and "suite-steps-t500" (LSTMOptimizer's default until
-#: "suite-relative", since followed by "suite-relative-offset" and "suite-relative-floor") as its controller;
+#: "suite-relative", since followed by "suite-relative-offset", "-floor" and "-discount") as its controller;
 #: only the memory's learned part (read multiplier η, write modulations δ_w, the controller's two
 #: read-input rows) was meta-trained for it, by 437 s of PES, so its whole recorded chain fits 3 hours.
 #: "ntm-bfgs-k3" (the default before it) is the same config with "ntm-bfgs-bases"' tensors, whose
