@@ -53,12 +53,13 @@ def test_the_step_is_the_rules_differentiable_step_by_hand_even_when_some_grads_
         for i, u, s in zip(present, update.split(sizes), new_state.split(sizes, dim=1)):
             reference[i] += 0.5 * u.view(params[i].shape)
             states[i] = s
-    rows = rule.config.drop_in_rows  # the default's relative_floor keeps s_0 (the rule's last row) per tensor
+    # the default's relative_floor and shrink_discount keep s_0 and m_t (the rule's last rows) per tensor
+    rows, kept = rule.config.drop_in_rows, rule.config.origin_rows
     for p, r, s in zip(params, reference, states):
         torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[p]["rule_state"], s[:rows], rtol=1e-5, atol=1e-5)
-        if rule.config.origin_rows:
-            torch.testing.assert_close(opt.state[p]["scale_origin"], s[-1, :1], rtol=1e-6, atol=0)  # per tensor vs flat RMS
+        if kept:
+            torch.testing.assert_close(opt.state[p]["scale_origin"], s[-kept:, 0], rtol=1e-6, atol=0)  # per tensor vs flat RMS
 
 
 def test_group_states_are_views_of_one_buffer_kept_across_steps():
