@@ -149,3 +149,22 @@ def test_the_discount_needs_the_floor():
                       absolute_step=False, relative_step=0.01, shrink_discount=True)
     with pytest.raises(ValueError, match="shrink_discount must be True or False"):
         LSTMGACConfig(shrink_discount=1)
+
+
+def test_meta_gradients_flow_through_the_lowest_factor():
+    """In the differentiable step m_t carries the graph: the step after a shrink depends on the θ of
+    the shrink (through m_t), which the floor alone forgets once θ has regrown past s_0."""
+    plain, _ = load_rule("suite-relative-offset")
+    layout = plain.segments([30])
+    start, grad = torch.linspace(-1.0, 2.0, 30), torch.linspace(0.5, -0.7, 30)
+    sensitivity = {}
+    for name, rule in (("floor", _with(plain, relative_floor=True)),
+                       ("discount", _with(plain, relative_floor=True, shrink_discount=True))):
+        shrunk = (start * 0.5).requires_grad_()
+        state = rule.init_state(30)
+        _, state = rule(grad, state, layout, params=start)
+        _, state = rule(grad, state, layout, params=shrunk)
+        update, _ = rule(grad, state, layout, params=start * 3.0)  # regrown past s_0
+        (sensitivity[name],) = torch.autograd.grad(update.square().sum(), shrunk, allow_unused=True)
+    assert sensitivity["floor"] is None or float(sensitivity["floor"].abs().max()) == 0.0
+    assert torch.isfinite(sensitivity["discount"]).all() and float(sensitivity["discount"].abs().max()) > 0
