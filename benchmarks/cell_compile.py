@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         call(compiled)
         compile_seconds = time.perf_counter() - start
-        seconds = per_call(lambda: call(compiled), device)
+        seconds = per_call(lambda call=call, compiled=compiled: call(compiled), device)
         if name.endswith("in place"):
             seconds -= refill_time
         rows[name] = (seconds, compile_seconds)

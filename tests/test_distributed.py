@@ -161,7 +161,7 @@ def test_ddp_matches_a_single_process_on_the_global_batch(name, ddp_results):
     single = _train(name, _model())
     for rank, results in enumerate(ddp_results):
         for p, q in zip(results[name], single):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=lambda m: f"rank {rank}: {m}")
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=lambda m, rank=rank: f"rank {rank}: {m}")
     moved = any(not torch.equal(p, q) for p, q in zip(single, _model().parameters()))
     assert moved  # the comparison is of trained parameters, not of the initialization
 
@@ -183,7 +183,7 @@ def test_fsdp_matches_a_single_process_on_the_global_batch(name, fsdp_results):
     tolerance = dict(rtol=1e-5, atol=1e-6) if name in ("lstm-gac", "ntm-bfgs") else dict(rtol=1e-6, atol=1e-9)
     for rank, results in enumerate(fsdp_results):
         for p, q in zip(results[name], single):
-            torch.testing.assert_close(p, q, **tolerance, msg=lambda m: f"rank {rank}: {m}")
+            torch.testing.assert_close(p, q, **tolerance, msg=lambda m, rank=rank: f"rank {rank}: {m}")
 
 
 def test_ntm_bfgs_auto_memory_takes_the_limited_form_on_sharded_parameters(fsdp_results):
@@ -252,7 +252,7 @@ def test_data_parallel_meta_training_matches_one_process_drawing_the_same_tasks(
     ranks = [torch.load(tmp_path / f"meta{r}.pt", weights_only=False) for r in range(WORLD)]
     for rank in ranks:  # every rank holds the same φ, the single process's up to float rounding
         for key, value in single.rule.state_dict().items():
-            torch.testing.assert_close(rank["rule"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(rank["rule"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
         assert rank["summary"]["best_validation"]["episode"] == summary["best_validation"]["episode"]
         assert rank["summary"]["episodes"] == summary["episodes"] == 6
     torch.testing.assert_close(ranks[0]["rule"], ranks[1]["rule"], rtol=0, atol=0)  # identical across ranks

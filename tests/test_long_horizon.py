@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from benchmark_scripts import load_script
 
 long_horizon = load_script("long_horizon")
