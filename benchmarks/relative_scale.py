@@ -8,21 +8,24 @@ For the default weights (or ``--weights``), on the main benchmark's quadratics (
 seeds 0..9, final loss the mean of the last 10 steps, as ``learned-optim benchmark``) and on
 some of the suite's tasks (their steps and final-loss window, evaluation seeds):
 
-* ``as shipped``: the step is multiplied by RMS(θ_t) + ε_θ of each tensor at every step;
+* ``as shipped``: the step is multiplied by each tensor's factor as the weights' config says (RMS(θ_t) + ε_θ,
+  floored and discounted where ``relative_floor`` and ``shrink_discount`` are set);
 * ``scale frozen at θ₀`` (an ablation, not an option of the package): each tensor's factor is
   taken once, at the first step, from θ₀, and kept;
 * ``scale floored at θ₀'s``: the same weights with the package's ``relative_floor`` option, each
   tensor's factor max(s_t, s_0), so it follows θ up but not down;
 * ``floored, shrink-discounted``: with ``shrink_discount`` too, max(s_0, s_t·m_t/s_0), m_t the lowest
-  factor so far: growth after a shrink counts at the shrink's ratio.
+  factor so far: growth after a shrink counts at the shrink's ratio;
+* ``dead zone K×`` (``--dead-zone K``, another ablation): max(s_0, s_t − (K − 1)·s_0), the factor held
+  at s_0 until θ's RMS passes K× its start and following its growth beyond.
 
 ``--hand-step C`` (another ablation) replaces the learned step sizes by a constant: the step is
 −C·d on the β = 0.9 momentum direction d = m̂/√v̂ only, times the same factor, i.e. Adam with
 lr = C·(RMS(θ_t) + ε_θ) (the LSTM still runs, unused). ``--quadratic-seeds`` sets the quadratics'
 seeds apart from the suite tasks' (their median is heavy-tailed: 10 seeds hardly pin it down).
 
-Per run it records the final loss, the growth RMS(θ_T)/RMS(θ₀) of the largest tensor and the
-spikes: steps whose loss exceeds 10× the lowest loss so far. Writes OUT/relative_scale.md and
+Per run it records the final loss, the growth RMS(θ_T)/RMS(θ₀) of the largest tensor, the lowest
+RMS(θ_t)/RMS(θ₀) it reached on the way (below 1: it shrank first) and the spikes: steps whose loss exceeds 10× the lowest loss so far. Writes OUT/relative_scale.md and
 OUT/relative_scale.json.
 """
 
@@ -34,8 +37,9 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,22 +51,35 @@ from learned_optim.rules import LSTMGACConfig, LSTMGACRule, load_rule
 from learned_optim.tasks.synthetic import QuadraticFamily
 
 MODES = ("as shipped", "scale frozen at θ₀", "scale floored at θ₀'s", "floored, shrink-discounted")
+DEAD_ZONE = "dead zone "  # a mode "dead zone K×" (--dead-zone K)
 SPIKE_FACTOR = 10.0  # a spike: a loss above this many times the lowest loss so far
+
+
+def _replace_scales(optimizer: LSTMOptimizer, factor: Callable[[Any, Any], Any]) -> None:
+    """Make ``optimizer`` use ``factor(s_t, s_0)`` for each tensor's RMS(θ_t) + ε_θ, s_0 the value at the
+    tensor's first step (an ablation; a floor or discount in the config then sees these factors)."""
+    rule = optimizer.rule
+    computed = rule.tensor_param_scales
+    first: dict[tuple[int, ...], list[torch.Tensor] | list[float]] = {}
+
+    def replaced(params: Sequence[torch.Tensor]) -> list:
+        key = tuple(p.data_ptr() for p in params)
+        current = computed(params)  # fresh floats or 0-d tensors, which no step writes to
+        start = first.setdefault(key, current)
+        return [factor(s_t, s_0) for s_t, s_0 in zip(current, start)]
+
+    rule.tensor_param_scales = replaced  # type: ignore[method-assign]
 
 
 def freeze_scales(optimizer: LSTMOptimizer) -> None:
     """Make ``optimizer`` keep each tensor's RMS(θ) + ε_θ from its first step (the ablation)."""
-    rule = optimizer.rule
-    computed = rule.tensor_param_scales
-    kept: dict[tuple[int, ...], list[torch.Tensor] | list[float]] = {}
+    _replace_scales(optimizer, lambda s_t, s_0: s_0)
 
-    def frozen(params: Sequence[torch.Tensor]) -> list[torch.Tensor] | list[float]:
-        key = tuple(p.data_ptr() for p in params)
-        if key not in kept:
-            kept[key] = computed(params)  # fresh floats or 0-d tensors, which no step writes to
-        return kept[key]
 
-    rule.tensor_param_scales = frozen  # type: ignore[method-assign]
+def dead_zone_scales(optimizer: LSTMOptimizer, k: float) -> None:
+    """Make ``optimizer``'s factor max(s_0, s_t − (k − 1)·s_0): held at s_0 until θ's RMS passes k× its
+    start, then following its growth (the ablation)."""
+    _replace_scales(optimizer, lambda s_t, s_0: max(s_0, s_t - (k - 1) * s_0))
 
 
 def optimizer_for(params: list[torch.Tensor], weights: str, mode: str) -> LSTMOptimizer:
@@ -77,6 +94,8 @@ def optimizer_for(params: list[torch.Tensor], weights: str, mode: str) -> LSTMOp
     optimizer = LSTMOptimizer(params, weights=weights)
     if mode == MODES[1]:
         freeze_scales(optimizer)
+    elif mode.startswith(DEAD_ZONE):
+        dead_zone_scales(optimizer, float(mode[len(DEAD_ZONE):].rstrip("×")))
     return optimizer
 
 
@@ -97,21 +116,27 @@ def hand_step(optimizer: LSTMOptimizer, size: float) -> None:
 
 def run(task, steps: int, weights: str, mode: str, hand: float | None = None) -> dict:
     """One run: its losses' summary and the largest tensor's RMS growth."""
-    made: dict[str, list[torch.Tensor]] = {}
+    rms: list[float] = []  # RMS of the largest tensor: θ₀, then after each step
 
     def make(params: list[torch.Tensor]) -> LSTMOptimizer:
-        made["params"], made["start"] = params, [p.detach().clone() for p in params]
+        largest = max(params, key=lambda p: p.numel())
+        rms.append(float(largest.detach().square().mean().sqrt()))
         optimizer = optimizer_for(params, weights, mode)
         if hand is not None:
             hand_step(optimizer, hand)
+        step = optimizer.step
+
+        def step_and_record(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            rms.append(float(largest.detach().square().mean().sqrt()))
+            return out
+
+        optimizer.step = step_and_record  # type: ignore[method-assign]
         return optimizer
 
     losses = train(task, make, steps)
-    largest = max(range(len(made["params"])), key=lambda i: made["params"][i].numel())
-    start_rms = float(made["start"][largest].square().mean().sqrt())
-    end_rms = float(made["params"][largest].detach().square().mean().sqrt())
-    return {"losses": losses, "growth": end_rms / start_rms if start_rms > 0 else float("inf"),
-            "spikes": spikes(losses)}
+    ratios = [r / rms[0] if rms[0] > 0 else float("inf") for r in rms]
+    return {"losses": losses, "growth": ratios[-1], "lowest": min(ratios), "spikes": spikes(losses)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds 0..N-1 of the quadratics (default: --seeds)")
     parser.add_argument("--hand-step", type=float, default=None, metavar="C",
                         help="ablation: the learned step sizes replaced by C on the β = 0.9 direction")
+    parser.add_argument("--dead-zone", type=float, nargs="*", default=[], metavar="K",
+                        help="ablation modes: the factor held at s_0 until θ's RMS passes K× its start")
     parser.add_argument("--data", default="../shared/data", help="MNIST directory (the suite's MNIST tasks)")
     parser.add_argument("--out", type=Path, default=Path("results/relative-scale"))
     args = parser.parse_args(argv)
@@ -132,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if any(not k > 1 for k in args.dead_zone):
+        parser.error(f"--dead-zone factors must exceed 1, got {args.dead_zone}")
+    modes = MODES + tuple(f"{DEAD_ZONE}{k:g}×" for k in args.dead_zone)
     if args.hand_step is not None and not args.hand_step > 0:
         parser.error(f"--hand-step must be a positive step size, got {args.hand_step}")
     quadratic_seeds = args.seeds if args.quadratic_seeds is None else args.quadratic_seeds
@@ -147,27 +177,29 @@ def main(argv: list[str] | None = None) -> int:
               for name in args.tasks]
     rows = []
     for name, family, steps, final, seeds in cases:
-        for mode in MODES:
+        for mode in modes:
             runs = [run(family.sample(seed), steps, args.weights, mode, args.hand_step) for seed in range(seeds)]
             finals = [final(r["losses"]) for r in runs]
             row = {"task": name, "mode": mode, "steps": steps, "seeds": seeds, "finals": finals,
                    "median_final": statistics.median(finals),
                    "median_growth": statistics.median(r["growth"] for r in runs),
+                   "lowest": [r["lowest"] for r in runs],
                    "max_growth": max(r["growth"] for r in runs),
                    "seeds_with_spikes": sum(r["spikes"] > 0 for r in runs)}
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "finals"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("finals", "lowest")}), flush=True)
     seconds = time.perf_counter() - start
 
     command = f"python benchmarks/{Path(__file__).name} {shlex.join(argv)}".strip()
     rule = "the learned step" if args.hand_step is None else f"steps replaced by {args.hand_step:g}·d (hand)"
-    lines = [f"Command: `{command}` ({seconds:.0f} s, weights `{args.weights}`, {rule}, one thread). Growth: RMS(θ_T)/RMS(θ₀) of each run's largest tensor; spikes: a loss over "
+    lines = [f"Command: `{command}` ({seconds:.0f} s, weights `{args.weights}`, {rule}, one thread). Growth: RMS(θ_T)/RMS(θ₀) of each run's largest tensor, lowest: the least RMS(θ_t)/RMS(θ₀) on the way; spikes: a loss over "
              f"{SPIKE_FACTOR:g}× the lowest before it.", "",
-             "| task | steps | seeds | scale | median final loss | median growth | max growth | seeds with spikes |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| task | steps | seeds | scale | median final loss | median growth | max growth | lowest RMS / start (min–max over seeds) | seeds with spikes |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['steps']} | 0..{r['seeds'] - 1} | {r['mode']} | {r['median_final']:.4g} | "
-                     f"{r['median_growth']:.2f} | {r['max_growth']:.2f} | {r['seeds_with_spikes']}/{r['seeds']} |")
+                     f"{r['median_growth']:.2f} | {r['max_growth']:.2f} | {min(r['lowest']):.2f}–{max(r['lowest']):.2f} | "
+                     f"{r['seeds_with_spikes']}/{r['seeds']} |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -88,3 +88,31 @@ def test_floored_modes_set_the_floor_and_the_discount_as_named():
                            for mode in relative_scale.MODES[2:])
     assert floored.relative_floor and not floored.shrink_discount
     assert discounted.relative_floor and discounted.shrink_discount
+
+
+def test_dead_zone_holds_the_factor_until_theta_passes_k_times_its_start():
+    """k = 2, θ scaled by 1.5 (in the zone: the factor stays s_0), then by 2 more (past it: s_t − s_0),
+    against the frozen factor s_0 on the same gradients (the LSTM's output does not read θ)."""
+    start = torch.linspace(-1.0, 2.0, 12).reshape(4, 3)
+    steps, before = {}, {}
+    for mode in ("frozen", "dead zone"):
+        theta = torch.nn.Parameter(start.clone())
+        opt = LSTMOptimizer([theta])
+        (relative_scale.freeze_scales if mode == "frozen" else lambda o: relative_scale.dead_zone_scales(o, 2.0))(opt)
+        _step(theta, opt)
+        for multiple in (1.5, 2.0):
+            with torch.no_grad():
+                theta.mul_(multiple)
+            before[mode, multiple] = theta.detach().clone()
+            steps[mode, multiple] = _step(theta, opt)
+    eps = opt.rule.config.relative_step
+
+    def s(t: torch.Tensor) -> float:
+        return float(t.square().mean().sqrt()) + eps
+
+    s_0 = s(start)
+    assert s(before["dead zone", 1.5]) < 2 * s_0 < s(before["dead zone", 2.0])  # one step in the zone, one past it
+    for multiple in (1.5, 2.0):
+        factor = max(s_0, s(before["dead zone", multiple]) - s_0)
+        torch.testing.assert_close(steps["dead zone", multiple], steps["frozen", multiple] * factor / s_0,
+                                   rtol=1e-5, atol=1e-7)
